@@ -1,0 +1,75 @@
+"""cloudckpt: PyTorch Distributed Checkpoint storage for S3, GCS and local disk.
+
+Quick use::
+
+    import cloudckpt
+    cloudckpt.save(state_dict, "s3://bucket/run/step-100")
+    cloudckpt.load(state_dict, "s3://bucket/run/step-100")
+"""
+
+__version__ = "0.1.0"
+
+from cloudckpt.api import load, save, storage_reader, storage_writer  # noqa: E402
+from cloudckpt.errors import (  # noqa: E402
+    AccessDeniedError,
+    BucketNotFoundError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CloudCheckpointError,
+    EndpointUnreachableError,
+    IntegrityError,
+    InvalidURIError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    TransferError,
+    UnsafeMetadataError,
+    UnsupportedSchemeError,
+    UnsupportedTensorError,
+)
+from cloudckpt.reader import (  # noqa: E402
+    CloudStorageReader,
+    GCSStorageReader,
+    LocalStorageReader,
+    S3StorageReader,
+)
+from cloudckpt.transfer import TransferOptions  # noqa: E402
+from cloudckpt.uri import StorageURI, parse_uri  # noqa: E402
+from cloudckpt.writer import (  # noqa: E402
+    CloudStorageWriter,
+    GCSStorageWriter,
+    LocalStorageWriter,
+    S3StorageWriter,
+)
+
+__all__ = [
+    "__version__",
+    "save",
+    "load",
+    "storage_writer",
+    "storage_reader",
+    "S3StorageWriter",
+    "S3StorageReader",
+    "GCSStorageWriter",
+    "GCSStorageReader",
+    "LocalStorageWriter",
+    "LocalStorageReader",
+    "CloudStorageWriter",
+    "CloudStorageReader",
+    "TransferOptions",
+    "StorageURI",
+    "parse_uri",
+    "CloudCheckpointError",
+    "InvalidURIError",
+    "UnsupportedSchemeError",
+    "BucketNotFoundError",
+    "ObjectNotFoundError",
+    "CheckpointNotFoundError",
+    "CheckpointExistsError",
+    "EndpointUnreachableError",
+    "AccessDeniedError",
+    "TransferError",
+    "PreconditionFailedError",
+    "IntegrityError",
+    "UnsupportedTensorError",
+    "UnsafeMetadataError",
+]

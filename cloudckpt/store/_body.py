@@ -1,0 +1,91 @@
+"""A read-only, seekable file object over a sequence of buffers.
+
+HTTP clients (botocore, requests) accept file-like bodies; this one lets a part
+that spans several tensors go out without first being assembled into one buffer.
+It is seekable so the client can rewind it to retry a request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from typing import Sequence
+
+from cloudckpt.store.base import Buffer
+
+__all__ = ["SegmentReader"]
+
+
+class SegmentReader(io.RawIOBase):
+    """Present ``segments`` (bytes/memoryview) back to back as one readable stream."""
+
+    def __init__(self, segments: Sequence[Buffer]) -> None:
+        super().__init__()
+        self._segs = [memoryview(s).cast("B") for s in segments if memoryview(s).nbytes]
+        self._starts: list[int] = []
+        pos = 0
+        for s in self._segs:
+            self._starts.append(pos)
+            pos += s.nbytes
+        self._size = pos
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def readinto(self, b: "bytearray | memoryview") -> int:  # type: ignore[override]
+        out = memoryview(b).cast("B")
+        n = 0
+        want = out.nbytes
+        while n < want and self._pos < self._size:
+            i = bisect.bisect_right(self._starts, self._pos) - 1
+            seg = self._segs[i]
+            off = self._pos - self._starts[i]
+            take = min(want - n, seg.nbytes - off)
+            out[n:n + take] = seg[off:off + take]
+            n += take
+            self._pos += take
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._size - self._pos
+        size = max(0, min(size, self._size - self._pos))
+        if size == 0:
+            return b""
+        # Fast path: the read lies inside one segment -> one slice copy only.
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        off = self._pos - self._starts[i]
+        seg = self._segs[i]
+        if off + size <= seg.nbytes:
+            self._pos += size
+            return seg[off:off + size].tobytes()
+        buf = bytearray(size)
+        self.readinto(buf)
+        return bytes(buf)
+
+    def readall(self) -> bytes:
+        return self.read(-1)

@@ -1,0 +1,180 @@
+"""The one small object-store interface every backend implements.
+
+Modelled on Apache Arrow's ``object_store``: a handful of operations, no backend
+details leaking upward. Upper layers (transfer engine, writer, reader, manager)
+only ever talk to :class:`ObjectStore`.
+
+Conventions shared by all backends:
+
+* Keys are full object keys inside the bucket (no leading slash).
+* Request bodies are a *sequence of buffers* (``Body``) sent back to back, so a
+  part that straddles tensors is sent without assembling it in a new buffer.
+* ``crc32c`` arguments are the CRC32C (Castagnoli) of the whole body as an
+  unsigned int; backends pass it to the server so the server verifies it.
+* Every backend raises only :mod:`cloudckpt.errors` exceptions, never a
+  boto3/google exception, and names the object in the message.
+* Stores are picklable: live clients are created lazily and dropped when pickled,
+  so a store can be sent to another process and rebuilds its client there.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
+Body = Sequence[Buffer]
+
+__all__ = [
+    "Body",
+    "Buffer",
+    "ObjectInfo",
+    "PartResult",
+    "MultipartUpload",
+    "ObjectStore",
+    "body_size",
+]
+
+
+def body_size(body: Body) -> int:
+    """Total number of bytes in a segmented body."""
+    return sum(memoryview(b).nbytes for b in body)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD or LIST tells about one object."""
+
+    key: str
+    size: int
+    etag: str | None = None
+    crc32c: int | None = None
+    last_modified: _dt.datetime | None = None
+    # GCS generation / S3 version id when the backend has one.
+    version: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """One uploaded part of a multipart upload, as needed to complete it."""
+
+    part_number: int
+    etag: str
+    size: int
+    crc32c: int
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    """An in-progress (not completed, not aborted) multipart upload."""
+
+    key: str
+    upload_id: str
+    initiated: _dt.datetime | None = None
+
+
+class ObjectStore(abc.ABC):
+    """Abstract object store bound to one bucket.
+
+    Implementations: :class:`cloudckpt.store.s3.S3Store`,
+    :class:`cloudckpt.store.gcs.GCSStore`, :class:`cloudckpt.store.local.LocalStore`.
+    """
+
+    #: URI scheme served by this backend ("s3", "gs", "file").
+    scheme: str = ""
+    #: Limits on multipart uploads (S3 and GCS XML API share them).
+    min_part_size: int = 5 * 1024 * 1024
+    max_part_size: int = 5 * 1024 * 1024 * 1024
+    max_parts: int = 10_000
+
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+
+    def url(self, key: str) -> str:
+        """Human-readable URL of ``key`` for error messages."""
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+    # -- buckets -------------------------------------------------------------
+    @abc.abstractmethod
+    def check_bucket(self) -> None:
+        """Raise BucketNotFoundError / EndpointUnreachableError / AccessDeniedError if unusable."""
+
+    # -- single-request objects ---------------------------------------------
+    @abc.abstractmethod
+    def put(
+        self,
+        key: str,
+        body: Body,
+        *,
+        crc32c: int,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Write ``body`` as one object; with ``if_absent`` raise PreconditionFailedError if it exists."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """Read a whole object; ObjectNotFoundError if it is missing."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` (writable, contiguous) with bytes ``[start, start + len(out))`` of ``key``."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Return the object's info, or None if it does not exist."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Yield every object whose key starts with ``prefix`` (recursive, key order)."""
+
+    @abc.abstractmethod
+    def list_prefixes(self, prefix: str) -> list[str]:
+        """Return the immediate "sub-directories" of ``prefix`` (keys ending in '/')."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing object is not an error."""
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete several objects (backends may batch this)."""
+        for key in keys:
+            self.delete(key)
+
+    # -- multipart -----------------------------------------------------------
+    @abc.abstractmethod
+    def create_multipart(self, key: str, *, metadata: Mapping[str, str] | None = None) -> str:
+        """Start a multipart upload and return its upload id."""
+
+    @abc.abstractmethod
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body, *, crc32c: int) -> PartResult:
+        """Upload one part (1-based ``part_number``); the server verifies ``crc32c``."""
+
+    @abc.abstractmethod
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[PartResult], *, if_absent: bool = False
+    ) -> ObjectInfo:
+        """Assemble the parts (in part-number order) into the final object."""
+
+    @abc.abstractmethod
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Abort an upload and free its parts; aborting an unknown upload is not an error."""
+
+    @abc.abstractmethod
+    def list_multipart_uploads(self, prefix: str) -> list[MultipartUpload]:
+        """Return uploads under ``prefix`` that were neither completed nor aborted."""
+
+    # -- lifecycle -----------------------------------------------------------
+    def close(self) -> None:
+        """Release clients and connection pools (the store stays usable; they are recreated)."""
+
+    def __getstate__(self) -> dict:
+        # Live clients, pools and locks never travel through pickle; subclasses
+        # name them in _transient and recreate them lazily.
+        state = self.__dict__.copy()
+        for name in getattr(self, "_transient", ()):
+            state[name] = None
+        return state

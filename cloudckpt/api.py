@@ -45,7 +45,7 @@ def storage_reader(uri: "str | os.PathLike[str]", **options: Any) -> CloudStorag
 
 
 @contextlib.contextmanager
-def typed_errors() -> Iterator[None]:
+def typed_errors(reader: CloudStorageReader | None = None) -> Iterator[None]:
     """Re-raise a DCP ``CheckpointException`` as the cloudckpt error that caused it.
 
     DCP wraps every rank's failure in a ``CheckpointException`` (a BaseException).
@@ -56,6 +56,11 @@ def typed_errors() -> Iterator[None]:
     try:
         yield
     except CheckpointException as exc:
+        # DCP turns a missing .metadata into a generic AssertionError after also
+        # trying the per-rank fallback; the reader kept the real, typed error.
+        missing = getattr(reader, "metadata_error", None)
+        if missing is not None:
+            raise missing from exc
         for rank in sorted(exc.failures):
             err = exc.failures[rank][0]
             if isinstance(err, CloudCheckpointError):
@@ -98,6 +103,6 @@ def load(
     """``dcp.load`` (in place into ``state_dict``) with the reader resolved from ``checkpoint_id``."""
     reader = storage_reader if storage_reader is not None else globals()["storage_reader"](checkpoint_id,
                                                                                           **reader_options)
-    with typed_errors():
+    with typed_errors(reader):
         dcp.load(state_dict, checkpoint_id=str(parse_uri(checkpoint_id)), storage_reader=reader,
                  planner=planner, process_group=process_group, no_dist=no_dist)

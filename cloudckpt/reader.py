@@ -118,6 +118,7 @@ class CloudStorageReader(StorageReader):
                 self._store = None
             self.uri = uri
         self.metadata = None
+        self.metadata_error: Exception | None = None
         self._facts = {}
 
     @classmethod
@@ -138,10 +139,14 @@ class CloudStorageReader(StorageReader):
         try:
             blob = self.store.get(key)
         except ObjectNotFoundError:
-            raise CheckpointNotFoundError(
+            err = CheckpointNotFoundError(
                 f"no committed checkpoint at {self.uri}: {self.store.url(key)} does not exist. "
                 "The save may have failed or still be running; list checkpoints with `cloudckpt ls`"
-            ) from None
+            )
+            if rank is None:
+                self.metadata_error = err
+            raise err from None
+        self.metadata_error = None
         metadata = load_metadata(blob, self.store.url(key))
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = uuid.uuid4().hex

@@ -51,9 +51,9 @@ class LocalStore(ObjectStore):
             raise BucketNotFoundError(f"directory {self.root} does not exist; create it first")
 
     def _write_tmp(self, key: str, body: Body) -> str:
-        os.makedirs(os.path.dirname(key), exist_ok=True)
         tmp = f"{key}.tmp-{uuid.uuid4().hex}"
         try:
+            os.makedirs(os.path.dirname(key), exist_ok=True)
             with open(tmp, "wb") as f:
                 for seg in body:
                     f.write(seg)
@@ -160,7 +160,10 @@ class LocalStore(ObjectStore):
     def create_multipart(self, key: str, *, metadata: Mapping[str, str] | None = None) -> str:
         upload_id = uuid.uuid4().hex
         d = self._upload_dir(key, upload_id)
-        os.makedirs(d)
+        try:
+            os.makedirs(d)
+        except OSError as exc:
+            raise TransferError(f"cannot start an upload of {key}: {exc}") from exc
         with open(os.path.join(d, "key.json"), "w") as f:
             json.dump({"key": key, "initiated": _dt.datetime.now(_dt.timezone.utc).isoformat()}, f)
         return upload_id

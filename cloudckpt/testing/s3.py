@@ -129,12 +129,15 @@ def s3_client(endpoint_url: str, **kwargs: Any) -> Any:
     import boto3
     from botocore.config import Config
 
+    config = Config(s3={"addressing_style": "path"})
+    if "config" in kwargs:
+        config = config.merge(kwargs.pop("config"))
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url,
         aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         region_name=TEST_CREDENTIALS["AWS_DEFAULT_REGION"],
-        config=Config(s3={"addressing_style": "path"}),
+        config=config,
         **kwargs,
     )

@@ -1,0 +1,78 @@
+"""Run a function on N real processes joined in a gloo process group.
+
+Processes are spawned (not forked) and rendezvous through a file in a temp
+dir, so there is no free-port race. The function must live in an importable
+module (tests.workers). Every rank's return value comes back to the caller;
+an exception on any rank fails the caller with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+
+def _entry(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple, out: Any) -> None:
+    import torch.distributed as dist
+
+    try:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+        out.put((rank, True, result))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def run_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results by rank."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, fn, args, out), daemon=True)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) + len(errors) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results) - set(errors))} "
+                                       f"did not finish within {timeout} s")
+                try:
+                    rank, ok, value = out.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)
+                            and i not in results and i not in errors]
+                    if dead:
+                        raise RuntimeError(f"ranks {dead} died with exit codes {[procs[i].exitcode for i in dead]}")
+                    continue
+                (results if ok else errors)[rank] = value
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if errors:
+        rank = min(errors)
+        raise AssertionError(f"rank {rank} failed:\n{errors[rank]}")
+    return [results[r] for r in range(world_size)]

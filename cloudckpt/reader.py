@@ -30,7 +30,13 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.futures import Future
 
 from cloudckpt import crc, layout
-from cloudckpt.errors import CheckpointNotFoundError, IntegrityError, InvalidURIError, ObjectNotFoundError
+from cloudckpt.errors import (
+    CheckpointNotFoundError,
+    CloudCheckpointError,
+    IntegrityError,
+    InvalidURIError,
+    ObjectNotFoundError,
+)
 from cloudckpt.safe_pickle import load_metadata
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges
@@ -137,15 +143,19 @@ class CloudStorageReader(StorageReader):
         name = layout.METADATA_NAME if rank is None else layout.rank_metadata_name(rank)
         key = self.uri.key(name)
         try:
-            blob = self.store.get(key)
-        except ObjectNotFoundError:
-            err = CheckpointNotFoundError(
-                f"no committed checkpoint at {self.uri}: {self.store.url(key)} does not exist. "
-                "The save may have failed or still be running; list checkpoints with `cloudckpt ls`"
-            )
+            try:
+                blob = self.store.get(key)
+            except ObjectNotFoundError:
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint at {self.uri}: {self.store.url(key)} does not exist. "
+                    "The save may have failed or still be running; list checkpoints with `cloudckpt ls`"
+                ) from None
+        except CloudCheckpointError as err:
+            # DCP swallows this and retries per-rank metadata; keep the real error
+            # so cloudckpt.load can raise it instead of DCP's generic one.
             if rank is None:
                 self.metadata_error = err
-            raise err from None
+            raise
         self.metadata_error = None
         metadata = load_metadata(blob, self.store.url(key))
         if getattr(metadata, "storage_meta", None) is not None:

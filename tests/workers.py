@@ -86,7 +86,7 @@ def save_expect_failure(rank: int, world: int, uri: str, options: dict, bad_rank
     import cloudckpt
 
     opts = bad_options if rank == bad_rank else options
-    sd = {"big": torch.randn(3_000_000), f"r{rank}": torch.randn(1000)}
+    sd = {f"big{rank}": torch.randn(3_000_000), "shared": torch.randn(1000)}
     try:
         cloudckpt.save(sd, uri, **opts)
     except BaseException as exc:  # noqa: BLE001 - we report what every rank saw

@@ -130,7 +130,10 @@ def parse_uri(uri: "str | os.PathLike[str] | StorageURI") -> StorageURI:
             raise InvalidURIError(f"file URI {uri!r} has no path; write it as file:///absolute/path")
         return StorageURI("file", "", os.path.abspath(path))
     if scheme in ("gcs",):
-        raise UnsupportedSchemeError(f"unknown scheme in {uri!r}; Google Cloud Storage URIs use gs://BUCKET/PREFIX")
+        raise UnsupportedSchemeError(
+            f"unsupported scheme {scheme!r} in checkpoint URI {uri!r}; Google Cloud Storage URIs are written "
+            "gs://BUCKET/PREFIX"
+        )
     if scheme not in CLOUD_SCHEMES:
         raise UnsupportedSchemeError(
             f"unsupported scheme {scheme!r} in checkpoint URI {uri!r}; "

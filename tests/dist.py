@@ -44,7 +44,7 @@ def run_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, fn, args, out), daemon=True)
+        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, fn, args, out), daemon=False)
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -61,7 +61,7 @@ def test_malformed_uris_name_the_uri_and_the_fix(uri, fragment):
 
 @pytest.mark.parametrize("uri", ["hdfs://nn/path", "azure://c/p", "gcs://bucket/p", "http://host/x"])
 def test_unknown_schemes(uri):
-    with pytest.raises(UnsupportedSchemeError, match="s3://"):
+    with pytest.raises(UnsupportedSchemeError, match="gs://"):
         parse_uri(uri)
 
 

@@ -19,6 +19,7 @@ from cloudckpt import crc
 from cloudckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    IntegrityError,
     ObjectNotFoundError,
     PreconditionFailedError,
     TransferError,
@@ -50,18 +51,25 @@ class LocalStore(ObjectStore):
         if not os.path.isdir(self.root):
             raise BucketNotFoundError(f"directory {self.root} does not exist; create it first")
 
-    def _write_tmp(self, key: str, body: Body) -> str:
-        tmp = f"{key}.tmp-{uuid.uuid4().hex}"
+    def _write_tmp(self, key: str, body: Body, crc32c: int, tmp: str | None = None) -> tuple[str, int]:
+        """Write ``body`` to a temporary file, checking its CRC32C as a server would."""
+        tmp = tmp or f"{key}.tmp-{uuid.uuid4().hex}"
+        got, size = 0, 0
         try:
-            os.makedirs(os.path.dirname(key), exist_ok=True)
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
             with open(tmp, "wb") as f:
                 for seg in body:
-                    f.write(seg)
+                    got = crc.crc32c_extend(got, seg)
+                    size += f.write(seg)
         except PermissionError as exc:
             raise AccessDeniedError(f"cannot write {key}: permission denied") from exc
         except OSError as exc:
             raise TransferError(f"cannot write {key}: {exc}") from exc
-        return tmp
+        if got != crc32c:
+            os.unlink(tmp)
+            raise IntegrityError(f"CRC32C of the data written to {key} is {got:08x}, the caller sent "
+                                 f"{crc32c:08x}: the buffer changed while it was written; nothing was stored")
+        return tmp, size
 
     def _publish(self, tmp: str, key: str, if_absent: bool) -> None:
         if if_absent:
@@ -83,7 +91,7 @@ class LocalStore(ObjectStore):
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
     ) -> ObjectInfo:
-        tmp = self._write_tmp(key, body)
+        tmp, _ = self._write_tmp(key, body, crc32c)
         self._publish(tmp, key, if_absent)
         return ObjectInfo(key=key, size=os.path.getsize(key), crc32c=crc32c)
 
@@ -173,10 +181,7 @@ class LocalStore(ObjectStore):
         if not os.path.isdir(d):
             raise ObjectNotFoundError(f"multipart upload {upload_id} of {key} does not exist (aborted?)")
         path = os.path.join(d, f"part-{part_number:05d}")
-        size = 0
-        with open(path + ".tmp", "wb") as f:
-            for seg in body:
-                size += f.write(seg)
+        _, size = self._write_tmp(key, body, crc32c, tmp=path + ".tmp")
         os.replace(path + ".tmp", path)
         return PartResult(part_number=part_number, etag=f"{crc32c:08x}-{size}", size=size, crc32c=crc32c)
 

@@ -32,8 +32,17 @@ from cloudckpt.reader import (  # noqa: E402
     LocalStorageReader,
     S3StorageReader,
 )
+from cloudckpt.manager import CheckpointManager  # noqa: E402
+from cloudckpt.executors import (  # noqa: E402
+    AsyncSaveResponse,
+    ProcessCheckpointExecutor,
+    ThreadCheckpointExecutor,
+    async_save,
+)
+from cloudckpt.staging import Stager  # noqa: E402
 from cloudckpt.transfer import TransferOptions  # noqa: E402
 from cloudckpt.uri import StorageURI, parse_uri  # noqa: E402
+from cloudckpt.verify import verify  # noqa: E402
 from cloudckpt.writer import (  # noqa: E402
     CloudStorageWriter,
     GCSStorageWriter,
@@ -47,6 +56,12 @@ __all__ = [
     "load",
     "storage_writer",
     "storage_reader",
+    "async_save",
+    "AsyncSaveResponse",
+    "ThreadCheckpointExecutor",
+    "ProcessCheckpointExecutor",
+    "Stager",
+    "CheckpointManager",
     "S3StorageWriter",
     "S3StorageReader",
     "GCSStorageWriter",
@@ -58,6 +73,7 @@ __all__ = [
     "TransferOptions",
     "StorageURI",
     "parse_uri",
+    "verify",
     "CloudCheckpointError",
     "InvalidURIError",
     "UnsupportedSchemeError",

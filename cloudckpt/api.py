@@ -85,9 +85,27 @@ def save(
     """
     writer = storage_writer if storage_writer is not None else globals()["storage_writer"](checkpoint_id,
                                                                                           **writer_options)
-    with typed_errors():
-        return dcp.save(state_dict, checkpoint_id=str(parse_uri(checkpoint_id)), storage_writer=writer,
-                        planner=planner, process_group=process_group, no_dist=no_dist)
+    try:
+        with typed_errors():
+            return dcp.save(state_dict, checkpoint_id=str(parse_uri(checkpoint_id)), storage_writer=writer,
+                            planner=planner, process_group=process_group, no_dist=no_dist)
+    except BaseException:
+        _abort_uncommitted(writer)
+        raise
+
+
+def _abort_uncommitted(writer: CloudStorageWriter) -> None:
+    # A rank that died mid-upload cannot abort its multipart uploads; the
+    # coordinator of the failed (uncommitted) save does it for every rank.
+    if not (writer.is_coordinator and writer.use_collectives and writer.uri is not None):
+        return
+    from cloudckpt.transfer import abort_incomplete_uploads
+
+    try:
+        abort_incomplete_uploads(writer.store, writer.uri.key(""),
+                                 unless_exists=writer.uri.key(writer._metadata_name()))  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - never hide the save's own error
+        pass
 
 
 def load(

@@ -62,3 +62,27 @@ class UnsupportedTensorError(CloudCheckpointError, TypeError):
 
 class UnsafeMetadataError(CloudCheckpointError):
     """A ``.metadata`` object tried to unpickle something outside the DCP allow-list."""
+
+
+class CheckpointInProgressError(CloudCheckpointError):
+    """A save was requested while the executor's previous upload is still running."""
+
+
+class CheckpointWorkerError(CloudCheckpointError):
+    """A background checkpoint worker (thread or process) died or could not start."""
+
+
+class CheckpointAbortedError(CloudCheckpointError):
+    """The save was aborted on this rank because another rank's worker failed."""
+
+
+class DeadlineExceededError(TransferError):
+    """A save's uploads did not finish within ``TransferOptions.save_deadline``; nothing was committed."""
+
+
+class UnpicklableWriterError(CloudCheckpointError, TypeError):
+    """A writer or planner cannot be sent to the checkpoint process because it holds live state (a client)."""
+
+
+class DemoFailedError(CloudCheckpointError):
+    """A phase of ``cloudckpt demo`` failed; the message carries the failing rank's log."""

@@ -41,6 +41,7 @@ from cloudckpt.safe_pickle import load_metadata
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges
 from cloudckpt.uri import StorageURI, parse_uri
+from cloudckpt.verify import check_metadata_bytes, open_manifest
 
 __all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader"]
 
@@ -150,6 +151,11 @@ class CloudStorageReader(StorageReader):
                     f"no committed checkpoint at {self.uri}: {self.store.url(key)} does not exist. "
                     "The save may have failed or still be running; list checkpoints with `cloudckpt ls`"
                 ) from None
+            # The manifest first: it holds .metadata's CRC32C, checked before unpickling.
+            manifest = self._load_manifest(rank)
+            if self.verify:
+                check_metadata_bytes(blob, manifest, self.store.url(key))
+            metadata = load_metadata(blob, self.store.url(key))
         except CloudCheckpointError as err:
             # DCP swallows this and retries per-rank metadata; keep the real error
             # so cloudckpt.load can raise it instead of DCP's generic one.
@@ -157,20 +163,23 @@ class CloudStorageReader(StorageReader):
                 self.metadata_error = err
             raise
         self.metadata_error = None
-        metadata = load_metadata(blob, self.store.url(key))
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = uuid.uuid4().hex
         self.metadata = metadata
-        self._load_manifest(rank)
         return metadata
 
-    def _load_manifest(self, rank: int | None) -> None:
+    def _load_manifest(self, rank: int | None) -> dict[str, Any] | None:
         assert self.uri is not None
         name = layout.MANIFEST_NAME if rank is None else f"__{rank}{layout.MANIFEST_NAME}"
+        self._facts = {}
         try:
-            manifest = json.loads(self.store.get(self.uri.key(name)))
+            blob = self.store.get(self.uri.key(name))
         except ObjectNotFoundError:
-            return  # written by stock DCP or another tool: no checksums to verify
+            return None  # written by stock DCP or another tool: no checksums to verify
+        if self.verify:
+            manifest = open_manifest(blob, self.store.url(self.uri.key(name)))
+        else:
+            manifest = json.loads(blob)
         facts = {}
         for rel, rows in manifest.get("items", {}).items():
             for row in rows:
@@ -178,6 +187,7 @@ class CloudStorageReader(StorageReader):
                 payload_crc = row[4] if len(row) > 4 else None
                 facts[(rel, offset)] = _ItemFacts(length, item_crc, payload_off, payload_crc)
         self._facts = facts
+        return manifest
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         """Keep the metadata for planning reads."""
@@ -235,7 +245,9 @@ class CloudStorageReader(StorageReader):
                 planner.commit_tensor(req, target)
                 continue
             span = (first * itemsize, (last + 1) * itemsize)
-            if full:
+            # Payloads smaller than the coalescing gap are cheaper merged with their
+            # neighbours into one request than fetched one request each.
+            if full and numel * itemsize >= self.transfer_options.read_gap_threshold:
                 target = planner.resolve_tensor(req).detach()
                 if target.device.type == "cpu" and target.is_contiguous() and target.dtype == chunk[0] \
                         and target.numel() == numel:

@@ -9,27 +9,47 @@ with object size.
 CRC32C is computed once per *piece* (the intersection of a part with a caller
 segment) inside the worker threads; part, item and object checksums are then
 combined from pieces without reading the data again.
+
+Retries happen in one place, the stores' :func:`cloudckpt.retry.call` loop. The
+engine gives every request it runs a :class:`~cloudckpt.retry.RetryScope`: the
+upload's deadline (``save_deadline``), a cancellation event set by the first
+failure (so other requests stop retrying at once), and an AIMD
+:class:`~cloudckpt.retry.AdaptiveLimiter` that lowers the requests in flight
+when the service throttles and raises them again as requests succeed. Every
+request is idempotent: a part is re-sent from the caller's staged buffers.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+import time
+import queue
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from cloudckpt import crc
-from cloudckpt.errors import CloudCheckpointError, TransferError
+from cloudckpt import crc, retry
+from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, TransferError
+from cloudckpt.retry import AdaptiveLimiter, RetryScope, RetryStats
 from cloudckpt.store.base import Buffer, ObjectStore, PartResult
 
 __all__ = [
+    "abort_incomplete_uploads",
     "TransferOptions",
     "ObjectUpload",
     "UploadedObject",
     "TransferEngine",
     "plan_part_size",
     "coalesce_ranges",
+    "DEFAULT_REQUEST_RATE",
+    "UploadPacing",
+    "plan_pacing",
+    "count_requests",
+    "plan_budget_part_size",
+    "PacedLimiter",
 ]
 
 MiB = 1024 * 1024
@@ -50,6 +70,26 @@ class TransferOptions:
     read_gap_threshold: int = 1 * MiB
     #: Upper bound of one merged ranged read.
     max_read_size: int = 64 * MiB
+    #: Seconds one rank's uploads of one save may take, retries included; after it
+    #: the save fails with DeadlineExceededError and nothing is committed. None: no limit.
+    save_deadline: float | None = 900.0
+    #: Lower the requests in flight when the service throttles (AIMD), raise them as requests succeed.
+    adaptive_concurrency: bool = True
+    #: The fewest requests in flight adaptive concurrency goes down to.
+    min_concurrency: int = 1
+    #: Seconds allowed for aborting uploads and deleting objects after a failed upload.
+    cleanup_timeout: float = 60.0
+    #: Requests/s that all ranks of one save together may send (uploads only); each rank
+    #: gets an equal share. None: the store's default (DEFAULT_REQUEST_RATE: S3 3,000,
+    #: GCS 800, local unlimited); math.inf: no cap. See docs/scale.md.
+    request_rate_limit: float | None = None
+    #: Most write requests one rank sends per save; above it the part size grows. None:
+    #: REQUEST_TIME_TARGET (5) seconds of the rank's share of request_rate_limit.
+    max_requests_per_rank: int | None = None
+    #: Seconds over which a rank's requests in flight rise from 1 to max_concurrency
+    #: (jittered per rank). None: world size x max_concurrency / request_rate_limit,
+    #: at most 2 s; 0: no ramp.
+    ramp_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.part_size < 1:
@@ -58,6 +98,18 @@ class TransferOptions:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.target_object_size < 1:
             raise ValueError(f"target_object_size must be positive, got {self.target_object_size}")
+        if self.save_deadline is not None and self.save_deadline <= 0:
+            raise ValueError(f"save_deadline must be positive or None, got {self.save_deadline}")
+        if self.min_concurrency < 1:
+            raise ValueError(f"min_concurrency must be >= 1, got {self.min_concurrency}")
+        if self.cleanup_timeout < 0:
+            raise ValueError(f"cleanup_timeout must be >= 0, got {self.cleanup_timeout}")
+        if self.request_rate_limit is not None and not self.request_rate_limit > 0:
+            raise ValueError(f"request_rate_limit must be positive, math.inf or None, got {self.request_rate_limit}")
+        if self.max_requests_per_rank is not None and self.max_requests_per_rank < 1:
+            raise ValueError(f"max_requests_per_rank must be >= 1 or None, got {self.max_requests_per_rank}")
+        if self.ramp_seconds is not None and not self.ramp_seconds >= 0:
+            raise ValueError(f"ramp_seconds must be >= 0 or None, got {self.ramp_seconds}")
 
 
 def plan_part_size(size: int, part_size: int, store: ObjectStore) -> int:
@@ -130,12 +182,129 @@ def _slice_segments(segments: Sequence[Buffer], starts: list[int], begin: int, e
     return out
 
 
-class TransferEngine:
-    """Runs one rank's uploads and downloads on one bounded pool."""
+class _Pool:
+    """A bounded set of worker threads running submitted calls, returning Futures.
 
-    def __init__(self, store: ObjectStore, options: TransferOptions | None = None) -> None:
+    Unlike ``ThreadPoolExecutor`` it keeps accepting work while the interpreter
+    shuts down: a background save that reaches its uploads after the main thread
+    returned (an executor's ``close()`` at exit waits for it) must still be able
+    to upload, where ``ThreadPoolExecutor.submit`` raises "cannot schedule new
+    futures after interpreter shutdown". Workers are daemon threads: the caller
+    always waits for the futures it needs, and a hung request must not keep the
+    process alive after the caller gave up.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._max = max(1, workers)
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("pool is shut down")
+            self._queue.put((fut, fn, args))
+            # A new thread only when none is idle, up to the bound.
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
+                t = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - delivered through the future
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+            del item, fut, fn, args
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if self._closed:
+                threads: list[threading.Thread] = []
+            else:
+                self._closed = True
+                threads = list(self._threads)
+                if cancel_futures:
+                    pending = []
+                    while True:
+                        try:
+                            pending.append(self._queue.get_nowait())
+                        except queue.Empty:
+                            break
+                    for item in pending:
+                        if item is not None:
+                            item[0].cancel()
+                for _ in threads:
+                    self._queue.put(None)
+        if wait:
+            for t in threads:
+                t.join()
+
+
+class _Failure:
+    """The first error of one upload or download; later ones are consequences."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def set(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+class TransferEngine:
+    """Runs one rank's uploads and downloads on one bounded pool.
+
+    ``stats`` holds the :class:`~cloudckpt.retry.RetryStats` of the latest
+    upload or download (attempts, retries, failures by kind, concurrency low).
+    """
+
+    def __init__(self, store: ObjectStore, options: TransferOptions | None = None, *, world_size: int = 1) -> None:
         self.store = store
         self.options = options or TransferOptions()
+        self.stats = RetryStats()
+        #: Ranks of the save this engine uploads for; sets its share of request_rate_limit.
+        self.world_size = world_size
+        #: How the latest upload was paced (see plan_pacing).
+        self.pacing = UploadPacing()
+
+    def _scope(self, failure: _Failure, deadline: float | None, pacing: UploadPacing | None = None) -> RetryScope:
+        opts = self.options
+        stats = RetryStats()
+        self.stats = stats
+        limiter = None
+        if opts.adaptive_concurrency:
+            limiter = AdaptiveLimiter(opts.max_concurrency, min_limit=min(opts.min_concurrency, opts.max_concurrency),
+                                      stats=stats)
+        if pacing is not None and pacing.active:
+            # Keeps the AIMD behaviour above (or none, if adaptation is off) and adds the ramp and pacing.
+            limiter = PacedLimiter(opts.max_concurrency, min_limit=min(opts.min_concurrency, opts.max_concurrency),
+                                   stats=stats, adaptive=opts.adaptive_concurrency, rate=pacing.rate_per_rank,
+                                   ramp_seconds=pacing.ramp_seconds)
+        return RetryScope(deadline=deadline, cancel=failure.event, limiter=limiter, stats=stats)
 
     # -- uploads --------------------------------------------------------------
     def upload(
@@ -146,26 +315,36 @@ class TransferEngine:
     ) -> list[UploadedObject]:
         """Upload every object (multipart above the part size); all-or-nothing.
 
-        On any failure, pending requests are cancelled, every multipart upload
-        started here is aborted, objects completed here are deleted, and the
-        first error is raised. Nothing is swallowed.
+        On any failure, or when ``save_deadline`` passes, pending requests are
+        cancelled (in-flight retries stop), every multipart upload started here
+        is aborted, objects completed here are deleted, and the first error is
+        raised. Nothing is swallowed.
         """
         if not objects:
             return []
         opts = self.options
-        failed = threading.Event()
+        started = time.monotonic()
+        deadline = None if opts.save_deadline is None else started + opts.save_deadline
+        failure = _Failure()
+        pacing = plan_pacing(opts, self.store.scheme, self.world_size)
+        base_part_size = plan_budget_part_size([o.size for o in objects], opts.part_size, pacing.max_requests,
+                                               self.store)
+        self.pacing = pacing = dataclasses.replace(pacing, part_size=base_part_size, requests=count_requests(
+            [o.size for o in objects], base_part_size, self.store))
+        scope = self._scope(failure, deadline, pacing)
         state_lock = threading.Lock()
         uploads: dict[str, str] = {}  # key -> upload id, for abort
         completed: list[str] = []
 
         def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(*args: Any) -> Any:
-                if failed.is_set():
+                if failure.is_set():
                     return None  # another request failed: don't start new work
                 try:
-                    return fn(*args)
-                except BaseException:
-                    failed.set()
+                    with retry.use_scope(scope):
+                        return fn(*args)
+                except BaseException as exc:
+                    failure.set(exc)
                     raise
             return run
 
@@ -183,6 +362,14 @@ class TransferEngine:
                 progress(obj.size)
             return crcs
 
+        def start_multipart(obj: ObjectUpload) -> str:
+            upload_id = self.store.create_multipart(obj.key)
+            # Recorded here, not by the waiting thread, so an upload that starts
+            # after another request failed is still aborted.
+            with state_lock:
+                uploads[obj.key] = upload_id
+            return upload_id
+
         def put_part(obj: ObjectUpload, starts: list[int], upload_id: str, number: int, begin: int, end: int
                      ) -> tuple[PartResult, list[tuple[int, int, int]]]:
             pieces = _slice_segments(obj.segments, starts, begin, end)
@@ -193,28 +380,26 @@ class TransferEngine:
                 progress(end - begin)
             return result, crcs
 
-        pool = ThreadPoolExecutor(max_workers=opts.max_concurrency, thread_name_prefix="cloudckpt-upload")
+        small: list[tuple[ObjectUpload, Future]] = []
+        large: list[tuple[ObjectUpload, list[int], int, Future]] = []
+        pool = _Pool(opts.max_concurrency, "cloudckpt-upload")
         try:
-            small: list[tuple[ObjectUpload, Future]] = []
-            large: list[tuple[ObjectUpload, list[int], int, Future]] = []
             for obj in objects:
                 starts, pos = [], 0
                 for s in obj.segments:
                     starts.append(pos)
                     pos += memoryview(s).nbytes
-                ps = plan_part_size(obj.size, opts.part_size, self.store)
+                ps = plan_part_size(obj.size, base_part_size, self.store)
                 if obj.size <= ps:
                     small.append((obj, pool.submit(guarded(put_small), obj, starts)))
                 else:
-                    large.append((obj, starts, ps, pool.submit(guarded(self.store.create_multipart), obj.key)))
+                    large.append((obj, starts, ps, pool.submit(guarded(start_multipart), obj)))
 
             part_futs: list[tuple[ObjectUpload, str, list[Future]]] = []
             for obj, starts, ps, fut in large:
-                upload_id = self._result(fut, failed)
+                upload_id = self._result(fut, failure, deadline)
                 if upload_id is None:
                     break
-                with state_lock:
-                    uploads[obj.key] = upload_id
                 futs = [
                     pool.submit(guarded(put_part), obj, starts, upload_id, i + 1, b, min(b + ps, obj.size))
                     for i, b in enumerate(range(0, obj.size, ps))
@@ -227,7 +412,7 @@ class TransferEngine:
                 parts: list[PartResult] = []
                 crcs: list[tuple[int, int, int]] = []
                 for f in futs:
-                    r = self._result(f, failed)
+                    r = self._result(f, failure, deadline)
                     if r is None:
                         break
                     parts.append(r[0])
@@ -237,20 +422,23 @@ class TransferEngine:
                                                            uploads, completed, state_lock)))
                     results[obj.key] = (crc.combine_all((p.crc32c, p.size) for p in parts), crcs)
             for obj, fut in complete_futs:
-                self._result(fut, failed)
+                self._result(fut, failure, deadline)
             for obj, fut in small:
-                crcs = self._result(fut, failed)
+                crcs = self._result(fut, failure, deadline)
                 if crcs is not None:
                     results[obj.key] = (crc.combine_all((c, n) for _, n, c in crcs), crcs)
-            all_futs = [f for _, f in small] + [f for *_, f in large] + [f for _, _, fs in part_futs for f in fs] + [
-                f for _, f in complete_futs]
-            if failed.is_set():
-                self._raise_first(all_futs)
-        except BaseException:
-            failed.set()
+            if failure.is_set():
+                raise failure.error or TransferError("upload aborted")
+        except BaseException as exc:
+            failure.set(exc)
+            # Waits for requests in flight; they stop retrying now that the scope is
+            # cancelled, so this is bounded by one attempt's timeout.
             pool.shutdown(wait=True, cancel_futures=True)
-            self._cleanup(uploads, completed)
-            raise
+            self._cleanup(uploads, completed, [obj.key for obj, *_ in large])
+            first = failure.error
+            if first is None or first is exc or not isinstance(exc, Exception):
+                raise
+            raise first from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return [UploadedObject(o.key, o.size, results[o.key][0], tuple(results[o.key][1])) for o in objects]
@@ -262,39 +450,53 @@ class TransferEngine:
             uploads.pop(key, None)
             completed.append(key)
 
-    @staticmethod
-    def _result(fut: Future, failed: threading.Event) -> Any:
-        # Wait for one future, but return early (None) as soon as any request failed.
+    def _result(self, fut: Future, failure: _Failure, deadline: float | None) -> Any:
+        # Wait for one future, but return early (None) as soon as any request
+        # failed or the deadline passed.
         while True:
             done, _ = wait([fut], timeout=0.1)
             if done:
-                if fut.exception() is not None:
-                    failed.set()
+                exc = fut.exception() if not fut.cancelled() else None
+                if exc is not None or fut.cancelled():
+                    failure.set(exc or TransferError("upload cancelled"))
                     return None
                 return fut.result()
-            if failed.is_set():
+            if failure.is_set():
+                return None
+            if deadline is not None and time.monotonic() > deadline:
+                failure.set(DeadlineExceededError(
+                    f"uploads to {self.store.url('')} did not finish within save_deadline="
+                    f"{self.options.save_deadline:g} s; nothing was committed. Check the storage service's "
+                    "health, or raise TransferOptions.save_deadline if the save needs longer"))
                 return None
 
-    @staticmethod
-    def _raise_first(futs: list[Future]) -> None:
-        wait(futs, return_when=FIRST_EXCEPTION)
-        errors = [f.exception() for f in futs if f.done() and not f.cancelled() and f.exception() is not None]
-        if not errors:
-            raise TransferError("upload aborted")
-        raise errors[0]
-
-    def _cleanup(self, uploads: dict[str, str], completed: list[str]) -> None:
+    def _cleanup(self, uploads: dict[str, str], completed: list[str], multipart_keys: Sequence[str] = ()) -> None:
         # Best effort, but never hide the original error: aborting must not raise.
-        for key, upload_id in list(uploads.items()):
-            try:
-                self.store.abort_multipart(key, upload_id)
-            except CloudCheckpointError:
-                pass
-        if completed:
-            try:
-                self.store.delete_many(completed)
-            except CloudCheckpointError:
-                pass
+        # Its own short deadline keeps a dead endpoint from stretching the failure.
+        with retry.use_scope(RetryScope(deadline=time.monotonic() + self.options.cleanup_timeout)):
+            for key, upload_id in list(uploads.items()):
+                try:
+                    self.store.abort_multipart(key, upload_id)
+                except CloudCheckpointError:
+                    pass
+            if multipart_keys:
+                # A start whose reply was lost leaves an upload no request knows the
+                # id of. These keys belong to this rank's save alone, so every
+                # incomplete upload of them is garbage.
+                import os.path
+
+                keys = set(multipart_keys)
+                try:
+                    for up in self.store.list_multipart_uploads(os.path.commonprefix(sorted(keys))):
+                        if up.key in keys and uploads.get(up.key) != up.upload_id:
+                            self.store.abort_multipart(up.key, up.upload_id)
+                except CloudCheckpointError:
+                    pass
+            if completed:
+                try:
+                    self.store.delete_many(completed)
+                except CloudCheckpointError:
+                    pass
 
     # -- downloads --------------------------------------------------------------
     def download_ranges(
@@ -303,29 +505,65 @@ class TransferEngine:
         *,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Fill each ``out`` with ``[start, start+len(out))`` of ``key``, in parallel."""
+        """Fill each ``out`` with ``[start, start+len(out))`` of ``key``, in parallel.
+
+        The first failure cancels the other reads (their retries stop) and is raised.
+        """
         if not reads:
             return
+        failure = _Failure()
+        scope = self._scope(failure, None)
 
         def one(key: str, start: int, out: memoryview) -> None:
-            self.store.get_range(key, start, out)
+            if failure.is_set():
+                return
+            try:
+                with retry.use_scope(scope):
+                    self.store.get_range(key, start, out)
+            except BaseException as exc:
+                failure.set(exc)
+                raise
             if progress:
                 progress(memoryview(out).nbytes)
 
         if len(reads) == 1:
             one(*reads[0])
             return
-        with ThreadPoolExecutor(max_workers=min(self.options.max_concurrency, len(reads)),
-                                thread_name_prefix="cloudckpt-download") as pool:
+        pool = _Pool(min(self.options.max_concurrency, len(reads)), "cloudckpt-download")
+        try:
             futs = [pool.submit(one, *r) for r in reads]
-            done, _ = wait(futs, return_when=FIRST_EXCEPTION)
-            for f in futs:
-                if f.done() and not f.cancelled() and f.exception() is not None:
-                    for g in futs:
-                        g.cancel()
-                    raise f.exception()  # type: ignore[misc]
-            for f in futs:
-                f.result()
+            wait(futs, return_when=FIRST_EXCEPTION)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=failure.is_set())
+        if failure.error is not None:
+            raise failure.error
+        for f in futs:
+            f.result()
+
+
+def abort_incomplete_uploads(store: ObjectStore, prefix: str, *, unless_exists: str | None = None,
+                             timeout: float = 30.0) -> int:
+    """Abort every incomplete multipart upload under ``prefix``; return how many. Never raises.
+
+    For the coordinator of a failed save: a rank that died mid-upload cannot
+    abort its own uploads. Nothing is done if the object ``unless_exists`` (the
+    commit marker) exists. Bounded by ``timeout`` seconds whatever the store's
+    health (a dead endpoint fails at once after its first give-up).
+    """
+    aborted = 0
+    with retry.use_scope(RetryScope(deadline=time.monotonic() + timeout)):
+        try:
+            if unless_exists is not None and store.head(unless_exists) is not None:
+                return 0
+            for up in store.list_multipart_uploads(prefix):
+                try:
+                    store.abort_multipart(up.key, up.upload_id)
+                    aborted += 1
+                except CloudCheckpointError:
+                    pass
+        except CloudCheckpointError:
+            pass
+    return aborted
 
 
 def coalesce_ranges(
@@ -347,3 +585,208 @@ def coalesce_ranges(
                 continue
         out.append((s, e, [i]))
     return out
+
+
+# -- request pacing at scale (docs/scale.md) ------------------------------------------------
+#
+# Object stores throttle a save long before the network saturates: S3 allows about
+# 3,500 writes/s per partitioned prefix and a new GCS bucket about 1,000 writes/s.
+# Three mechanisms keep a whole job under those limits by construction, on top of
+# the AIMD reaction to 503/429 above (which only helps after the service refused):
+#
+# * a per-rank request-rate cap: every rank gets an equal share of
+#   ``request_rate_limit`` (the whole save's budget), paced as a token schedule
+#   that starts at a random phase, so ranks never fire their first requests in
+#   the same instant;
+# * a jittered ramp of requests in flight from 1 to ``max_concurrency``;
+# * a per-rank request budget: when a rank's objects would need more requests
+#   than ``max_requests_per_rank``, its part size grows.
+
+#: Default ``request_rate_limit`` by store scheme: requests/s that all ranks of one
+#: save together may send. S3: 3,500 writes/s per partitioned prefix, less a margin
+#: for other traffic and for requests that are retried. GCS: a new bucket's ~1,000
+#: object writes/s, less a margin (whether XML multipart part PUTs count as writes
+#: is not documented, so every request is counted). Local disks have no such limit.
+DEFAULT_REQUEST_RATE: dict[str, float] = {"s3": 3000.0, "gs": 800.0}
+
+#: Seconds of requests, at a rank's share of ``request_rate_limit``, that the
+#: derived request budget allows: beyond that, larger parts are cheaper than waiting.
+REQUEST_TIME_TARGET = 5.0
+
+#: Longest derived ramp, in seconds.
+MAX_RAMP_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class UploadPacing:
+    """How one rank paces its uploads of one save (see :func:`plan_pacing`).
+
+    ``rate_per_rank``: requests/s this rank may start (None: unlimited);
+    ``ramp_seconds``: the longest this rank's requests in flight take to rise from
+    1 to ``max_concurrency`` (each rank draws its own, jittered, in
+    ``[ramp_seconds / 2, ramp_seconds]``); ``max_requests``: the request budget
+    (None: none); ``part_size``: the part size after the budget was applied
+    (filled in by :meth:`TransferEngine.upload`).
+    """
+
+    world_size: int = 1
+    rate_per_rank: float | None = None
+    ramp_seconds: float = 0.0
+    max_requests: int | None = None
+    part_size: int | None = None
+    requests: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """True if the rank is paced or ramped at all."""
+        return self.rate_per_rank is not None or self.ramp_seconds > 0
+
+
+def plan_pacing(options: TransferOptions, scheme: str, world_size: int) -> UploadPacing:
+    """Per-rank pacing for a save of ``world_size`` ranks to a ``scheme`` store (pure).
+
+    * rate: ``request_rate_limit`` (or the scheme's :data:`DEFAULT_REQUEST_RATE`)
+      divided by the world size; ``math.inf`` means unlimited;
+    * ramp: ``ramp_seconds``, or the time the aggregate rate needs to admit every
+      rank's full concurrency once (``world × max_concurrency / rate``), at most
+      :data:`MAX_RAMP_SECONDS`;
+    * budget: ``max_requests_per_rank``, or :data:`REQUEST_TIME_TARGET` seconds of
+      this rank's rate (at least 1), and never more than a quarter of
+      ``save_deadline`` at that rate, so pacing alone can never run a save past
+      its deadline.
+    """
+    world = max(1, int(world_size))
+    total = options.request_rate_limit
+    if total is None:
+        total = DEFAULT_REQUEST_RATE.get(scheme, math.inf)
+    rate = None if math.isinf(total) else total / world
+    if options.ramp_seconds is not None:
+        ramp = options.ramp_seconds
+    elif rate is None:
+        ramp = 0.0
+    else:
+        ramp = min(MAX_RAMP_SECONDS, world * options.max_concurrency / total)
+    budget = options.max_requests_per_rank
+    if budget is None and rate is not None:
+        seconds = REQUEST_TIME_TARGET
+        if options.save_deadline is not None:
+            seconds = min(seconds, options.save_deadline / 4)
+        budget = max(1, int(rate * seconds))
+    return UploadPacing(world_size=world, rate_per_rank=rate, ramp_seconds=ramp, max_requests=budget)
+
+
+def count_requests(sizes: Sequence[int], part_size: int, store: ObjectStore) -> int:
+    """Write requests to upload objects of ``sizes`` at ``part_size``: 1 per single PUT,
+    parts + 2 (create, complete) per multipart object (pure)."""
+    n = 0
+    for size in sizes:
+        ps = plan_part_size(size, part_size, store)
+        n += 1 if size <= ps else math.ceil(size / ps) + 2
+    return n
+
+
+def plan_budget_part_size(sizes: Sequence[int], part_size: int, max_requests: int | None,
+                          store: ObjectStore) -> int:
+    """The smallest part size (a MiB multiple, at least ``part_size``) at which objects of
+    ``sizes`` need at most ``max_requests`` requests (pure).
+
+    When no part size achieves it (a request per object is the floor, and parts
+    stop at the store's largest part), the part size that needs the fewest
+    requests is returned; the budget is a target, never a reason to fail.
+    """
+    if max_requests is None or not sizes or count_requests(sizes, part_size, store) <= max_requests:
+        return part_size
+    # Requests never increase as parts grow, so bisect over MiB multiples. Parts
+    # larger than the largest object (or the store's largest part) change nothing.
+    lo = part_size
+    hi = max(lo, min(store.max_part_size, math.ceil(max(sizes) / MiB) * MiB))
+    if count_requests(sizes, hi, store) > max_requests:
+        return hi
+    while hi - lo > MiB:
+        mid = (lo + hi) // 2 // MiB * MiB
+        if mid <= lo:
+            break
+        if count_requests(sizes, mid, store) <= max_requests:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class PacedLimiter(AdaptiveLimiter):
+    """An :class:`~cloudckpt.retry.AdaptiveLimiter` that also ramps and paces one rank.
+
+    Every attempt (retries included) passes :meth:`acquire`, so pacing bounds
+    what the rank really sends. On top of AIMD (kept unless ``adaptive=False``):
+
+    * the cap on requests in flight rises linearly from 1 to ``max_limit`` over
+      this rank's ramp, a uniform draw in ``[ramp_seconds / 2, ramp_seconds]``;
+    * with ``rate``, attempts start on a schedule of one every ``1 / rate``
+      seconds whose first slot is a uniform draw in ``[0, 1 / rate)``, so the
+      ranks' requests interleave instead of arriving together.
+    """
+
+    def __init__(self, max_limit: int, *, min_limit: int = 1, stats: RetryStats | None = None,
+                 adaptive: bool = True, rate: float | None = None, ramp_seconds: float = 0.0,
+                 rng: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(max_limit, min_limit=min_limit, stats=stats)
+        if rate is not None and not rate > 0:
+            raise ValueError(f"rate must be positive or None, got {rate}")
+        if ramp_seconds < 0:
+            raise ValueError(f"ramp_seconds must be >= 0, got {ramp_seconds}")
+        self.adaptive = adaptive
+        self.rate = rate
+        self._clock = clock
+        self._t0 = clock()
+        self.ramp = ramp_seconds * (0.5 + 0.5 * rng())
+        self._next_slot = self._t0 + (rng() / rate if rate is not None else 0.0)
+        self._slot_lock = threading.Lock()
+
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now: the AIMD cap, lowered during the ramp."""
+        lim = super().limit
+        if self.ramp > 0:
+            elapsed = self._clock() - self._t0
+            if elapsed < self.ramp:
+                lim = min(lim, max(1, math.ceil(self.max_limit * elapsed / self.ramp)))
+        return lim
+
+    def reserve(self) -> float:
+        """Reserve the next rate slot; return its (monotonic) start time."""
+        assert self.rate is not None
+        with self._slot_lock:
+            at = max(self._clock(), self._next_slot)
+            self._next_slot = at + 1.0 / self.rate
+        return at
+
+    def acquire(self, *, deadline: float | None = None, cancel: threading.Event | None = None) -> bool:
+        """Wait for a slot in flight, then for this rank's next rate slot."""
+        if not super().acquire(deadline=deadline, cancel=cancel):
+            return False
+        if self.rate is None:
+            return True
+        at = self.reserve()
+        while True:
+            now = self._clock()
+            if now >= at:
+                return True
+            if (cancel is not None and cancel.is_set()) or (deadline is not None and at > deadline):
+                self.release()
+                return False
+            delay = min(at - now, 0.1)
+            if cancel is not None:
+                cancel.wait(delay)
+            else:
+                time.sleep(delay)
+
+    def on_throttle(self, started: float) -> None:
+        """Multiplicative decrease, unless adaptation is off."""
+        if self.adaptive:
+            super().on_throttle(started)
+
+    def on_success(self) -> None:
+        """Additive increase, unless adaptation is off."""
+        if self.adaptive:
+            super().on_success()

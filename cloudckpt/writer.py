@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import io
-import json
 import logging
 import os
 import pickle
@@ -41,10 +40,59 @@ from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions
 from cloudckpt.uri import StorageURI, parse_uri
 
-__all__ = ["CloudStorageWriter", "S3StorageWriter", "GCSStorageWriter", "LocalStorageWriter", "ItemWriteInfo"]
+__all__ = ["CloudStorageWriter", "S3StorageWriter", "GCSStorageWriter", "LocalStorageWriter", "ItemWriteInfo",
+           "PREFIX_STRATEGIES", "rank_prefix"]
 
 log = logging.getLogger(__name__)
 _DCP_VERSION = "1.0.0"
+
+#: Named values of ``prefix_strategy`` (an int >= 2 is a round-robin fan-out).
+PREFIX_STRATEGIES = ("none", "hash")
+
+
+def _check_prefix_strategy(strategy: "str | int") -> None:
+    fan_out = isinstance(strategy, int) and not isinstance(strategy, bool) and strategy >= 2
+    if not (fan_out or (isinstance(strategy, str) and strategy in PREFIX_STRATEGIES)):
+        raise ValueError(f"prefix_strategy must be one of {PREFIX_STRATEGIES} or an int >= 2 (a fan-out), "
+                         f"got {strategy!r}")
+
+
+def rank_prefix(rank: int, strategy: "str | int" = "none") -> str:
+    """The name prefix of ``rank``'s data objects: ``__{rank}_`` behind a spreading tag.
+
+    * ``"none"``: ``__{rank}_`` (FileSystemWriter's names: ``__12_0.distcp``);
+    * ``"hash"``: two hex digits of a hash of the rank first: ``3f-__12_0.distcp``
+      (up to 256 key prefixes, no order shared with the rank);
+    * ``N`` (int >= 2): ``rank % N`` in hex first, as many digits as ``N - 1`` needs,
+      so consecutive ranks land in different prefixes and each gets ``world / N`` ranks.
+
+    The tag goes at the start of the name, not into a sub-directory: object stores
+    partition keys by leading characters whatever the delimiter, and flat names keep
+    every listing tool (cloudckpt ls/gc/verify, overwrite cleanup) working unchanged.
+    """
+    _check_prefix_strategy(strategy)
+    if strategy == "none":
+        return f"__{rank}_"
+    if strategy == "hash":
+        import hashlib
+
+        tag = hashlib.blake2b(str(rank).encode(), digest_size=1).hexdigest()
+    else:
+        tag = format(rank % int(strategy), f"0{len(format(int(strategy) - 1, 'x'))}x")
+    return f"{tag}-__{rank}_"
+
+
+@dataclasses.dataclass
+class _CloudStoragePrefix(_StoragePrefix):
+    """``_StoragePrefix`` plus the world size, which sets each rank's share of the request rate."""
+
+    world_size: int = 1
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +126,15 @@ class CloudStorageWriter(StorageWriter):
         max_concurrency: int | None = None,
         target_object_size: int | None = None,
         transfer_options: TransferOptions | None = None,
+        prefix_strategy: "str | int" = "none",
         **store_options: Any,
     ) -> None:
         super().__init__()
+        _check_prefix_strategy(prefix_strategy)
+        #: How data objects are spread over key prefixes (see :func:`rank_prefix`, docs/scale.md).
+        self.prefix_strategy = prefix_strategy
+        #: Pacing of this rank's latest upload (world size, rate, ramp, request budget, part size).
+        self.last_pacing: Any = None
         opts = transfer_options or TransferOptions()
         overrides = {k: v for k, v in (("part_size", part_size), ("max_concurrency", max_concurrency),
                                        ("target_object_size", target_object_size)) if v is not None}
@@ -181,7 +235,12 @@ class CloudStorageWriter(StorageWriter):
             # an old .metadata pointing at partly replaced data objects.
             store.delete(meta_key)
         # dataclasses.replace keeps plan-caching's usable=False plans intact.
-        return [dataclasses.replace(p, storage_data=_StoragePrefix(f"__{i}_")) for i, p in enumerate(plans)]
+        # Without collectives each rank plans alone: its own rank names its objects.
+        alone = len(plans) == 1 and not self.use_collectives
+        world = _world_size() if alone else len(plans)
+        return [dataclasses.replace(p, storage_data=_CloudStoragePrefix(
+            rank_prefix((self.rank or 0) if alone else i, self.prefix_strategy), world_size=world))
+            for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Upload this rank's items; the returned future is complete (or failed) on return."""
@@ -215,7 +274,12 @@ class CloudStorageWriter(StorageWriter):
                 segments.extend(fi.segments)
                 offset += fi.size
             uploads.append(ObjectUpload(uri.key(name), segments, offset))
-        done = {u.key: u for u in TransferEngine(self.store, self.transfer_options).upload(uploads)}
+        world = getattr(plan.storage_data, "world_size", None) or _world_size()
+        engine = TransferEngine(self.store, self.transfer_options, world_size=world)
+        try:
+            done = {u.key: u for u in engine.upload(uploads)}
+        finally:
+            self.last_pacing = engine.pacing
         results = []
         for fi, name, offset in placements:
             obj = done[uri.key(name)]
@@ -273,8 +337,15 @@ class CloudStorageWriter(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         if hasattr(metadata, "version"):
             metadata.version = _DCP_VERSION
+        buf = io.BytesIO()
+        pickle.dump(metadata, buf)
+        meta_blob = buf.getvalue()
+        from cloudckpt import crc
+        from cloudckpt.verify import MANIFEST_FORMAT, seal_manifest
+
         manifest = {
-            "format": "cloudckpt-manifest/1",
+            "format": MANIFEST_FORMAT,
+            "metadata_crc32c": crc.crc32c(meta_blob),
             "writer": f"cloudckpt {__version__}",
             "torch": torch.__version__,
             "save_id": self.save_id,
@@ -285,13 +356,9 @@ class CloudStorageWriter(StorageWriter):
         }
         manifest_name = layout.MANIFEST_NAME if self._metadata_name() == layout.METADATA_NAME else (
             f"__{self.rank}{layout.MANIFEST_NAME}")
-        blob = json.dumps(manifest, separators=(",", ":")).encode()
-        from cloudckpt import crc
-
+        blob = seal_manifest(manifest)
         store.put(uri.key(manifest_name), [blob], crc32c=crc.crc32c(blob))
-        buf = io.BytesIO()
-        pickle.dump(metadata, buf)
-        self._commit(buf.getvalue())
+        self._commit(meta_blob)
         if self.overwrite:
             self._remove_stale(set(objects) | {layout.METADATA_NAME, manifest_name})
 

@@ -76,3 +76,52 @@ def run_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
         rank = min(errors)
         raise AssertionError(f"rank {rank} failed:\n{errors[rank]}")
     return [results[r] for r in range(world_size)]
+
+
+def run_world_with_deaths(world_size: int, fn: Callable[..., Any], *args: Any, expect_dead: "set[int]",
+                          timeout: float = 180.0) -> tuple[dict[int, Any], dict[int, int]]:
+    """Like :func:`run_world`, for worlds where the ranks in ``expect_dead`` kill themselves.
+
+    Returns ``(results of the other ranks, exit codes of the dead ranks)``. Fails
+    if an expected rank does not die, if any other rank dies or raises, or if
+    the world is not done within ``timeout`` seconds.
+    """
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, fn, args, out), daemon=False)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        dead: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) + len(errors) + len(dead) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(world_size)) - set(results) - set(errors) - set(dead))
+                    raise TimeoutError(f"ranks {missing} did not finish within {timeout} s")
+                try:
+                    rank, ok, value = out.get(timeout=min(remaining, 0.5))
+                    (results if ok else errors)[rank] = value
+                except queue.Empty:
+                    pass
+                for i, p in enumerate(procs):
+                    if p.exitcode not in (None, 0) and i not in results and i not in errors and i not in dead:
+                        dead[i] = p.exitcode
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if errors:
+        rank = min(errors)
+        raise AssertionError(f"rank {rank} failed:\n{errors[rank]}")
+    if set(dead) != set(expect_dead):
+        raise AssertionError(f"expected ranks {sorted(expect_dead)} to die, but ranks {sorted(dead)} died "
+                             f"(exit codes {dead}); results: {results}")
+    return results, dead

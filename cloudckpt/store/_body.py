@@ -76,13 +76,15 @@ class SegmentReader(io.RawIOBase):
         size = max(0, min(size, self._size - self._pos))
         if size == 0:
             return b""
-        # Fast path: the read lies inside one segment -> one slice copy only.
+        # Fast path: the read lies inside one segment -> a view of it, no copy.
+        # HTTP clients hand what read() returns to socket.sendall, which takes
+        # any buffer, so the payload goes from tensor memory to the socket.
         i = bisect.bisect_right(self._starts, self._pos) - 1
         off = self._pos - self._starts[i]
         seg = self._segs[i]
         if off + size <= seg.nbytes:
             self._pos += size
-            return seg[off:off + size].tobytes()
+            return seg[off:off + size]  # type: ignore[return-value]
         buf = bytearray(size)
         self.readinto(buf)
         return bytes(buf)

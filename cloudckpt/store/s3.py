@@ -8,34 +8,143 @@
 * Body signing is off (``payload_signing_enabled=False``): integrity comes from
   the CRC32C header, and SHA-256 signing of every byte would cost more CPU than
   the rest of the upload path put together.
+* Retries are cloudckpt's (:mod:`cloudckpt.retry`), not botocore's: the client is
+  built with ``total_max_attempts=1`` so the two never multiply, and reading a
+  response body (where truncation and resets show up) is inside the retried
+  attempt. A ranged read that breaks resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import http.client
+import logging
 import os
+import re
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
-from cloudckpt import crc
+from cloudckpt import crc, retry
 from cloudckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    CloudCheckpointError,
+    DeadlineExceededError,
     EndpointUnreachableError,
+    IntegrityError,
     ObjectNotFoundError,
     PreconditionFailedError,
     TransferError,
 )
+from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store._body import SegmentReader
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
 
 __all__ = ["S3Store"]
 
+_T = TypeVar("_T")
 _SECRET_OPTIONS = ("aws_secret_access_key", "aws_session_token")
+_THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                             "TooManyRequestsException", "RequestThrottled", "ProvisionedThroughputExceededException"})
+_SERVER_CODES = frozenset({"InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+                           "PriorRequestNotComplete", "BadGateway", "GatewayTimeout"})
+
+
+class _Truncated(Exception):
+    """A response body ended before its Content-Length: a broken transfer, retried."""
+
+
+# One boto3 session per (process, profile). Building a session loads botocore's
+# service models from disk (~0.3 s of CPU); a job that saves every few minutes
+# would otherwise pay that on every rank for every save and load. Sessions hold
+# no per-store state: clients, with their own config, are still one per store.
+# The credential-related environment is part of the key, so a process that
+# changes its credentials gets a fresh session rather than stale ones.
+_SESSIONS: dict[tuple[Any, ...], Any] = {}
+_SESSIONS_LOCK = threading.Lock()
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                   "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                   "AWS_CONFIG_FILE", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def _session(profile: str | None) -> Any:
+    """This process's boto3 session for ``profile`` (call with _SESSIONS_LOCK held)."""
+    import boto3
+
+    key = (os.getpid(), profile, tuple(os.environ.get(v) for v in _CREDENTIAL_ENV))
+    if key not in _SESSIONS:
+        _SESSIONS[key] = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+    return _SESSIONS[key]
+
+
+def _readinto(body: Any, out: memoryview) -> int:
+    """Read from a botocore StreamingBody straight into ``out``.
+
+    urllib3's ``readinto`` is ``read(n)`` followed by a copy, and ``read(n)``
+    itself copies once more, so a 32 MiB range would cost two full extra
+    copies. For a plain (not content-encoded) response, the underlying
+    ``http.client`` response reads from the socket buffer into ``out`` directly.
+    Both attributes are private, so anything unexpected takes the public path.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if fp is not None and getattr(raw, "_decoder", None) is None and not getattr(raw, "_has_decoded_content", False) \
+            and hasattr(fp, "readinto"):
+        try:
+            return fp.readinto(out)
+        except (OSError, ValueError) as exc:
+            import urllib3.exceptions
+
+            # Same exception family as the public path, so retries classify it alike.
+            raise urllib3.exceptions.ProtocolError(f"connection broken while reading: {exc!r}", exc) from exc
+    return body.readinto(out)
+
+
+# botocore's DEBUG logs print every request's headers and canonical request,
+# session tokens included; these loggers get a filter that masks them.
+_REDACTED_LOGGERS = ("botocore.endpoint", "botocore.auth", "botocore.httpsession", "botocore.hooks")
+_SECRET_HEADER = re.compile(r"(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)([^'\"\s,}]+)", re.IGNORECASE)
+
+
+class _RedactSessionTokens(logging.Filter):
+    """Masks ``x-amz-security-token`` values in botocore's request logs (stateless)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's problem, not ours
+            return True
+        if "security-token" in message.lower():
+            record.msg, record.args = _SECRET_HEADER.sub(r"\1***", message), None
+        return True
+
+
+def _redact_botocore_logs() -> None:
+    # Idempotent: one filter per logger, whatever the number of stores.
+    for name in _REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactSessionTokens) for f in logger.filters):
+            logger.addFilter(_RedactSessionTokens())
 
 
 class S3Store(ObjectStore):
-    """An :class:`ObjectStore` over one S3 bucket."""
+    """An :class:`ObjectStore` over one S3 bucket.
+
+    Args:
+        bucket: bucket name (no ``s3://``).
+        endpoint_url: S3-compatible endpoint (else ``AWS_ENDPOINT_URL_S3`` /
+            ``AWS_ENDPOINT_URL`` / AWS).
+        region: client region.
+        max_pool_connections: HTTP connections kept (one per transfer thread).
+        connect_timeout, read_timeout: seconds per HTTP request; a stall longer
+            than ``read_timeout`` fails the attempt, which is then retried.
+        max_attempts: attempts per request (shortcut for ``retry_policy.max_attempts``).
+        retry_policy: the full :class:`~cloudckpt.retry.RetryPolicy`.
+        addressing_style: ``"path"``/``"virtual"``; path by default with a custom endpoint.
+        client_options: passed to ``boto3.Session.client`` (credentials,
+            ``config=``, ``profile_name=``); never shown in ``repr`` or errors.
+    """
 
     scheme = "s3"
     _transient = ("_client", "_lock")
@@ -47,9 +156,10 @@ class S3Store(ObjectStore):
         endpoint_url: str | None = None,
         region: str | None = None,
         max_pool_connections: int = 64,
-        connect_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
         read_timeout: float = 120.0,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
+        retry_policy: RetryPolicy | None = None,
         addressing_style: str | None = None,
         **client_options: Any,
     ) -> None:
@@ -59,7 +169,11 @@ class S3Store(ObjectStore):
         self.max_pool_connections = max_pool_connections
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.max_attempts = max_attempts
+        policy = retry_policy or RetryPolicy()
+        if max_attempts is not None:
+            policy = dataclasses.replace(policy, max_attempts=max_attempts)
+        self.retry_policy = policy
+        self._health = retry.EndpointHealth()
         self.addressing_style = addressing_style or ("path" if self.endpoint_url else "auto")
         self._client_options = dict(client_options)
         self._client: tuple[int, Any] | None = None
@@ -84,18 +198,18 @@ class S3Store(ObjectStore):
         with self._lock:
             if self._client is not None and self._client[0] == os.getpid():
                 return self._client[1]
-            import boto3
             from botocore.config import Config
 
+            _redact_botocore_logs()
             opts = dict(self._client_options)
             profile = opts.pop("profile_name", None)
-            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
             config = Config(
                 region_name=self.region,
                 max_pool_connections=self.max_pool_connections,
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
-                retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                # One attempt per botocore call: cloudckpt.retry is the only retry loop.
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 s3={"addressing_style": self.addressing_style, "payload_signing_enabled": False},
                 # We send CRC32C ourselves; botocore must not add another checksum pass.
                 request_checksum_calculation="when_required",
@@ -104,7 +218,8 @@ class S3Store(ObjectStore):
             user_config = opts.pop("config", None)
             if user_config is not None:
                 config = config.merge(user_config)
-            client = session.client("s3", endpoint_url=self.endpoint_url, config=config, **opts)
+            with _SESSIONS_LOCK:  # boto3 sessions are not safe to use from several threads at once
+                client = _session(profile).client("s3", endpoint_url=self.endpoint_url, config=config, **opts)
             # boto3 clients are thread-safe: one per process shares one connection pool.
             self._client = (os.getpid(), client)
             return client
@@ -112,15 +227,42 @@ class S3Store(ObjectStore):
     def close(self) -> None:
         self._client = None
 
-    # -- errors ----------------------------------------------------------------
+    # -- errors and retries -------------------------------------------------------
+    def _classify(self, exc: BaseException) -> FailureKind | None:
+        """Transient failures (retried) by kind; None for final ones."""
+        import urllib3.exceptions
+        from botocore.exceptions import (
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            ProxyConnectionError,
+        )
+
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (429, 503) or code in _THROTTLE_CODES:
+                return FailureKind.THROTTLE
+            if status in (500, 502, 504) or code in _SERVER_CODES:
+                return FailureKind.SERVER
+            return None
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)):
+            return FailureKind.CONNECT
+        if isinstance(exc, (HTTPClientError, IncompleteReadError, _Truncated, http.client.HTTPException,
+                            urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
+            return FailureKind.NETWORK
+        return None
+
     def _translate(self, exc: BaseException, key: str | None, action: str) -> Exception:
         from botocore.exceptions import (
             ClientError,
-            ConnectionClosedError,
             ConnectTimeoutError,
             EndpointConnectionError,
             NoCredentialsError,
-            ReadTimeoutError,
+            ProxyConnectionError,
         )
 
         where = self.url(key) if key is not None else f"s3://{self.bucket}"
@@ -133,7 +275,7 @@ class S3Store(ObjectStore):
                     f"bucket s3://{self.bucket} does not exist (while trying to {action} {where}); "
                     "create it first or fix the bucket name, region and endpoint"
                 )
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            if code in ("NoSuchKey", "NoSuchUpload", "404", "NotFound") or status == 404:
                 return ObjectNotFoundError(f"{where} does not exist (while trying to {action} it)")
             if code in ("PreconditionFailed", "412") or status == 412:
                 return PreconditionFailedError(f"{where} already exists (conditional {action} refused)")
@@ -142,25 +284,49 @@ class S3Store(ObjectStore):
                     f"access denied trying to {action} {where} ({code}); check the credentials and the "
                     "bucket policy grant s3:GetObject/PutObject/ListBucket/AbortMultipartUpload"
                 )
+            if code in ("BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"):
+                return IntegrityError(
+                    f"the server refused to {action} {where}: the data did not match its CRC32C ({code}); "
+                    "the buffer changed while it was uploading, or the network corrupted it; nothing was stored"
+                )
             return TransferError(f"failed to {action} {where}: {code or status}: {err.get('Message', '')}")
         if isinstance(exc, NoCredentialsError):
             return AccessDeniedError(
                 f"no AWS credentials found to {action} {where}; configure the boto3 credential chain "
                 "(env vars, ~/.aws, instance/IRSA role) or pass aws_access_key_id/aws_secret_access_key"
             )
-        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
-            endpoint = self.endpoint_url or "the default AWS endpoint"
+        endpoint = self.endpoint_url or "the default AWS endpoint"
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)):
             return EndpointUnreachableError(
                 f"could not reach S3 endpoint {endpoint} to {action} {where}: {type(exc).__name__}; "
                 "check endpoint_url / AWS_ENDPOINT_URL and network access"
             )
+        if self._classify(exc) is FailureKind.NETWORK:
+            # Only the exception's type: its text can carry the request URL and headers.
+            return TransferError(
+                f"the connection to S3 endpoint {endpoint} broke while trying to {action} {where}: "
+                f"{type(exc).__name__}"
+            )
         return TransferError(f"failed to {action} {where}: {type(exc).__name__}: {exc}")
 
-    def _call(self, action: str, key: str | None, fn: Any, **kwargs: Any) -> Any:
+    def _run(self, action: str, key: str | None, fn: Callable[[Attempt], _T]) -> _T:
+        """Run ``fn`` under the retry policy; every failure leaves as a typed error naming ``key``."""
         try:
-            return fn(Bucket=self.bucket, **kwargs)
+            return retry.call(fn, classify=self._classify, policy=self.retry_policy, health=self._health)
+        except retry.GaveUp as gave_up:
+            err = self._translate(gave_up.last, key, action)
+            cls = DeadlineExceededError if gave_up.reason == "deadline" and not isinstance(
+                err, EndpointUnreachableError) else type(err)
+            hint = "; raise TransferOptions.save_deadline if the save needs longer" if cls is DeadlineExceededError \
+                else ""
+            raise cls(f"{err} ({gave_up.summary()}{hint})") from gave_up.last
+        except CloudCheckpointError:
+            raise
         except Exception as exc:  # noqa: BLE001 - translated into typed errors
             raise self._translate(exc, key, action) from exc
+
+    def _call(self, action: str, key: str | None, fn: Any, **kwargs: Any) -> Any:
+        return self._run(action, key, lambda _attempt: fn(Bucket=self.bucket, **kwargs))
 
     # -- operations -------------------------------------------------------------
     def check_bucket(self) -> None:
@@ -175,44 +341,57 @@ class S3Store(ObjectStore):
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
     ) -> ObjectInfo:
-        reader = SegmentReader(body)
-        kwargs: dict[str, Any] = {"Key": key, "Body": reader, "ContentLength": len(reader),
-                                  "ChecksumCRC32C": crc.to_base64(crc32c)}
+        size = sum(memoryview(b).nbytes for b in body)
+        kwargs: dict[str, Any] = {"Key": key, "ContentLength": size, "ChecksumCRC32C": crc.to_base64(crc32c)}
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         if metadata:
             kwargs["Metadata"] = dict(metadata)
-        resp = self._call("upload", key, self.client.put_object, **kwargs)
-        return ObjectInfo(key=key, size=len(reader), etag=resp.get("ETag"), crc32c=crc32c,
-                          version=resp.get("VersionId"))
+
+        def attempt(_: Attempt) -> Any:
+            # A fresh reader per attempt: a retry re-sends the staged buffers from the start.
+            return self.client.put_object(Bucket=self.bucket, Body=SegmentReader(body), **kwargs)
+
+        resp = self._run("upload", key, attempt)
+        return ObjectInfo(key=key, size=size, etag=resp.get("ETag"), crc32c=crc32c, version=resp.get("VersionId"))
 
     def get(self, key: str) -> bytes:
-        resp = self._call("download", key, self.client.get_object, Key=key)
-        try:
+        def attempt(_: Attempt) -> bytes:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            # Reading the body is part of the attempt: a truncated or reset body is retried.
             return resp["Body"].read()
-        except Exception as exc:  # noqa: BLE001
-            raise self._translate(exc, key, "download") from exc
+
+        return self._run("download", key, attempt)
 
     def get_range(self, key: str, start: int, out: memoryview) -> None:
         out = memoryview(out).cast("B")
         n = out.nbytes
         if n == 0:
             return
-        resp = self._call("read", key, self.client.get_object, Key=key, Range=f"bytes={start}-{start + n - 1}")
-        body = resp["Body"]
-        got = 0
-        try:
-            while got < n:
-                k = body.readinto(out[got:])
-                if not k:
-                    break
-                got += k
-        except Exception as exc:  # noqa: BLE001
-            raise self._translate(exc, key, "read") from exc
-        finally:
-            body.close()
+        got = 0  # survives retries: a broken stream resumes where it stopped
+
+        def attempt(_: Attempt) -> None:
+            nonlocal got
+            first = start + got
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={first}-{start + n - 1}")
+            body = resp["Body"]
+            sent = int(resp.get("ContentLength", n - got))
+            try:
+                want = min(n, got + sent)
+                while got < want:
+                    k = _readinto(body, out[got:want])
+                    if not k:
+                        break
+                    got += k
+            finally:
+                body.close()
+            if got < n and got - (first - start) < sent:
+                raise _Truncated(f"body ended after {got - (first - start)} of {sent} bytes")
+
+        self._run("read", key, attempt)
         if got != n:
-            raise TransferError(f"short read of {self.url(key)}: wanted bytes [{start}, {start + n}), got {got}")
+            raise TransferError(f"short read of {self.url(key)}: wanted bytes [{start}, {start + n}), got {got}; "
+                                "the object is shorter than the checkpoint metadata says (truncated or replaced?)")
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -278,14 +457,40 @@ class S3Store(ObjectStore):
         kwargs: dict[str, Any] = {"Key": key, "ChecksumAlgorithm": "CRC32C"}
         if metadata:
             kwargs["Metadata"] = dict(metadata)
-        return self._call("start multipart upload of", key, self.client.create_multipart_upload, **kwargs)["UploadId"]
+        maybe_orphans = False
+
+        def attempt(a: Attempt) -> str:
+            nonlocal maybe_orphans
+            maybe_orphans = a.maybe_applied_before
+            return self.client.create_multipart_upload(Bucket=self.bucket, **kwargs)["UploadId"]
+
+        upload_id = self._run("start multipart upload of", key, attempt)
+        if maybe_orphans:
+            self._abort_others(key, upload_id)
+        return upload_id
+
+    def _abort_others(self, key: str, keep: str) -> None:
+        # An earlier attempt may have created an upload whose reply was lost: abort
+        # it, or it would stay incomplete (and billed) forever. Keys are per rank
+        # and per save, so any other upload of this exact key is such an orphan or
+        # a leftover of a failed save.
+        try:
+            for up in self.list_multipart_uploads(key):
+                if up.key == key and up.upload_id != keep:
+                    self.abort_multipart(key, up.upload_id)
+        except CloudCheckpointError:
+            pass  # best effort: `cloudckpt gc` finds what is left
 
     def upload_part(self, key: str, upload_id: str, part_number: int, body: Body, *, crc32c: int) -> PartResult:
-        reader = SegmentReader(body)
-        resp = self._call(f"upload part {part_number} of", key, self.client.upload_part, Key=key,
-                          UploadId=upload_id, PartNumber=part_number, Body=reader,
-                          ContentLength=len(reader), ChecksumCRC32C=crc.to_base64(crc32c))
-        return PartResult(part_number=part_number, etag=resp["ETag"], size=len(reader), crc32c=crc32c)
+        size = sum(memoryview(b).nbytes for b in body)
+
+        def attempt(_: Attempt) -> Any:
+            return self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
+                                           Body=SegmentReader(body), ContentLength=size,
+                                           ChecksumCRC32C=crc.to_base64(crc32c))
+
+        resp = self._run(f"upload part {part_number} of", key, attempt)
+        return PartResult(part_number=part_number, etag=resp["ETag"], size=size, crc32c=crc32c)
 
     def complete_multipart(
         self, key: str, upload_id: str, parts: Sequence[PartResult], *, if_absent: bool = False
@@ -301,10 +506,55 @@ class S3Store(ObjectStore):
         }
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
-        resp = self._call("complete multipart upload of", key, self.client.complete_multipart_upload, **kwargs)
         size = sum(p.size for p in ordered)
         whole = crc.combine_all((p.crc32c, p.size) for p in ordered)
+
+        def attempt(a: Attempt) -> dict[str, Any]:
+            from botocore.exceptions import ClientError
+
+            try:
+                return self.client.complete_multipart_upload(Bucket=self.bucket, **kwargs)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if a.maybe_applied_before and (code == "NoSuchUpload" or (if_absent and code == "PreconditionFailed")):
+                    # The first completion landed and only its reply was lost: if the live
+                    # object is the one these parts make, the completion worked.
+                    info = self._head_raw(key)
+                    if info is not None and self._is_assembly(info, ordered, size):
+                        return info
+                raise
+
+        resp = self._run("complete multipart upload of", key, attempt)
         return ObjectInfo(key=key, size=size, etag=resp.get("ETag"), crc32c=whole, version=resp.get("VersionId"))
+
+    def _head_raw(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+
+    @staticmethod
+    def _is_assembly(head: Mapping[str, Any], parts: Sequence[PartResult], size: int) -> bool:
+        """Whether a HEAD describes the object that completing ``parts`` produces."""
+        import hashlib
+
+        if int(head.get("ContentLength", -1)) != size:
+            return False
+        # S3's composite checksum: CRC32C of the parts' CRC32Cs, "-N".
+        composite = crc.to_base64(crc.crc32c(b"".join(p.crc32c.to_bytes(4, "big") for p in parts)))
+        got = str(head.get("ChecksumCRC32C") or "")
+        if got:
+            return got.split("-")[0] == composite
+        # No checksum reported: the multipart ETag is MD5 of the parts' MD5s, "-N".
+        try:
+            md5s = b"".join(bytes.fromhex(p.etag.strip('"')) for p in parts)
+        except ValueError:
+            return False
+        return str(head.get("ETag", "")).strip('"') == f"{hashlib.md5(md5s).hexdigest()}-{len(parts)}"
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:

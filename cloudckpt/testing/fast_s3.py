@@ -18,8 +18,8 @@ credentials work. Versioning, ACLs, tagging, policies and the like answer 501.
 
 Standalone: ``python -m cloudckpt.testing.fast_s3 --port 9000``.
 
-Only the standard library and google_crc32c are needed (the ``crc32c`` package
-is used when present because it hashes buffers without copying them).
+Only the standard library and the ``crc32c`` package (a dependency of
+cloudckpt, which hashes buffers without copying them) are needed.
 """
 
 from __future__ import annotations
@@ -54,13 +54,8 @@ from typing import Any, Protocol
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as _xml_escape
 
-try:  # Hashes memoryviews in place; google_crc32c insists on bytes (one extra copy).
-    import crc32c as _crc32c_mod
-
-    _crc32c_fn: Any = _crc32c_mod.crc32c
-except ImportError:  # pragma: no cover - depends on the environment
-    _crc32c_fn = None
-import google_crc32c
+# The crc32c package (a core dependency of cloudckpt) hashes memoryviews in place.
+import crc32c as _crc32c_mod
 
 __all__ = ["FastS3Server", "S3Backend", "S3Error", "main"]
 
@@ -220,10 +215,7 @@ class _Crc32c:
 
     def update(self, data: memoryview) -> None:
         """Fold ``data`` in."""
-        if _crc32c_fn is not None:
-            self.value = _crc32c_fn(data, value=self.value)
-        else:  # google_crc32c only accepts bytes
-            self.value = google_crc32c.extend(self.value, bytes(data))
+        self.value = _crc32c_mod.crc32c(data, value=self.value)
 
     def digest(self) -> bytes:
         """The CRC as 4 big-endian bytes."""
@@ -2121,7 +2113,7 @@ class FastS3Server:
             self._thread.start()
             return self
         # Run this file as a script: it needs only the standard library and
-        # google_crc32c, so the child skips importing the cloudckpt package (and
+        # crc32c, so the child skips importing the cloudckpt package (and
         # whatever that grows to import). -P keeps this directory off sys.path.
         cmd = [
             sys.executable,

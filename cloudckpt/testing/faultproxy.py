@@ -31,7 +31,9 @@ Fault kinds (``FaultRule.fault``):
 ``stall``
     Hold the request without answering for ``stall_seconds`` or until the proxy
     stops, whichever comes first. After the stall (if the proxy is still running)
-    the request is forwarded normally, so a short stall acts as added latency.
+    the request is forwarded normally, so a short stall acts as added latency,
+    unless the client hung up meanwhile (it timed out): then the request is
+    dropped, never reaching the upstream, as a request lost in a stuck path is.
 ``truncate``
     Forward, send the headers with the full ``Content-Length`` and only part of
     the body, then close the connection cleanly (FIN).
@@ -268,11 +270,15 @@ def classify(
     path: str,
     query: str | Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | Any = None,
+    *,
+    api: str | None = None,
 ) -> str:
     """Name the storage operation of one HTTP request.
 
     ``path`` is the request path (a query after ``?`` is accepted too), ``query``
     the raw query string or a mapping, ``headers`` any mapping or ``HTTPMessage``.
+    Path-style requests are S3 or GCS XML API: ``api`` (``"s3"``/``"gcs"``) says
+    which when the upstream is known; with None the headers decide.
     S3 requests get boto3 operation names (``"PutObject"``), GCS requests
     ``"gcs.*"`` names (see :data:`S3_OPS`, :data:`GCS_OPS`). Requests not
     recognised give ``"Other"`` (S3) or ``"gcs.other"`` / ``"gcs.xml.other"``.
@@ -295,7 +301,7 @@ def classify(
     if not stripped:
         return "ListBuckets" if method == "GET" else "Other"
     has_key = bool(stripped.partition("/")[2])
-    if _is_gcs_xml(h):
+    if api == "gcs" or (api is None and _is_gcs_xml(h)):
         return _classify_gcs_xml(method, has_key, q)
     return _classify_s3(method, has_key, q, h)
 
@@ -639,7 +645,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._h = _lower_headers(self.headers)
         target = self.path
         path, _, query = target.partition("?")
-        op = classify(self.command, path, query, self._h)
+        op = classify(self.command, path, query, self._h, api=proxy._api)
         ranged = "range" in self._h
         self._op = op
         try:
@@ -679,7 +685,13 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.proxy._stopping.wait(rule.stall_seconds):
                 self.close_connection = True
                 return
-            self._forward()
+            # The body (if the client sent it) is read now, so a client that gave up
+            # and closed its end shows as end-of-file behind it.
+            body = [wire for wire, _ in self._request_pieces()]
+            if self._client_hung_up():
+                self.close_connection = True
+                return
+            self._forward(body)
         elif kind == "drop_response":
             resp = self._send_upstream()
             for _ in self._response_pieces(resp):  # read it all: the upstream finished its work
@@ -748,8 +760,19 @@ class _Handler(BaseHTTPRequestHandler):
             conn.close()
             self.server.proxy._track_upstream(conn, add=False)
 
-    def _send_upstream(self) -> http.client.HTTPResponse:
-        """Forward the request line, headers and body; return the upstream's response (headers read)."""
+    def _client_hung_up(self) -> bool:
+        """True if the client closed or reset its connection (checked without consuming data)."""
+        sock = self.connection
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _send_upstream(self, body: Sequence[bytes] | None = None) -> http.client.HTTPResponse:
+        """Forward the request line, headers and body (``body``: wire pieces already read); return the response."""
         proxy = self.server.proxy
         conn = self._upstream()
         conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
@@ -768,7 +791,7 @@ class _Handler(BaseHTTPRequestHandler):
             conn.putheader("Host", proxy._up_netloc)
         conn.endheaders()
         proxy._count_forwarded(self._op)
-        for wire, _ in self._request_pieces():
+        for wire in body if body is not None else (w for w, _ in self._request_pieces()):
             conn.send(wire)
         return conn.getresponse()
 
@@ -807,9 +830,9 @@ class _Handler(BaseHTTPRequestHandler):
         lines.append("\r\n")
         return "".join(lines).encode("latin-1")
 
-    def _forward(self) -> None:
+    def _forward(self, body: Sequence[bytes] | None = None) -> None:
         """Forward the request and stream the complete reply back."""
-        resp = self._send_upstream()
+        resp = self._send_upstream(body)
         framing, _ = self._response_framing(resp)
         # Without a length or chunking the body ends when the upstream closes;
         # mirror that to the client rather than re-framing it.
@@ -927,7 +950,10 @@ class FaultProxy:
     ``upstream`` is ``http://HOST:PORT``. The client's ``Host`` header is kept
     (moto routes on it, and emulators build resumable-upload ``Location``
     headers from it, which must point back at the proxy) unless
-    ``rewrite_host=True``. ``seed`` drives :func:`rule_fires`.
+    ``rewrite_host=True``. ``seed`` drives :func:`rule_fires`. ``api``
+    (``"s3"`` or ``"gcs"``) names the upstream's API for :func:`classify`; by
+    default each request's headers decide (a GCS XML request without
+    ``x-goog-*`` headers would then be named as S3).
     """
 
     def __init__(
@@ -940,6 +966,7 @@ class FaultProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         rewrite_host: bool = False,
+        api: str | None = None,
         upstream_timeout: float = 120.0,
     ) -> None:
         split = urlsplit(upstream)
@@ -949,6 +976,9 @@ class FaultProxy:
         self._up_host = split.hostname
         self._up_port = split.port or 80
         self._up_netloc = split.netloc
+        if api not in (None, "s3", "gcs"):
+            raise ValueError(f"api must be 's3', 'gcs' or None, got {api!r}")
+        self._api = api
         self._rewrite_host = rewrite_host
         self._upstream_timeout = upstream_timeout
         self._seed = seed

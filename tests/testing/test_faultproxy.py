@@ -307,6 +307,20 @@ def test_short_stall_then_forwards(proxy: FaultProxy, bucket: str) -> None:
     assert proxy.stats()["forwarded"]["HeadBucket"] == 1
 
 
+def test_stalled_request_whose_client_gave_up_is_dropped(proxy: FaultProxy, bucket: str, direct: Any) -> None:
+    # The client times out and hangs up during the stall: the request must never
+    # reach the upstream (a late-applied PUT or multipart start would be a ghost).
+    proxy.set_rules([FaultRule("PutObject", fault="stall", stall_seconds=1.5)])
+    with pytest.raises(ReadTimeoutError):
+        make_client(proxy.url, read_timeout=0.3).put_object(Bucket=bucket, Key="ghost", Body=b"x" * 1000)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proxy.stats()["faults"].get("PutObject", {}).get("stall") != 1:
+        time.sleep(0.05)
+    time.sleep(2.0)  # past the stall: the handler has decided by now
+    assert proxy.stats()["forwarded"].get("PutObject", 0) == 0
+    assert direct.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
 def test_stop_returns_promptly_with_stalled_request(moto: MotoS3Server, bucket: str) -> None:
     p = FaultProxy(moto.endpoint_url, rules=[FaultRule(None, fault="stall", stall_seconds=300)]).start()
     outcome: list[BaseException | int] = []

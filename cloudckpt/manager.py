@@ -1,0 +1,630 @@
+"""Step-numbered checkpoints under one root: save, async save, resume, retention.
+
+::
+
+    mgr = CheckpointManager("s3://bucket/run-7", keep_last=3, keep_every=1000)
+    step = mgr.load(state) or 0            # resume: None when there is no checkpoint yet
+    for step in range(step + 1, total):
+        train_step()
+        if step % 500 == 0:
+            mgr.async_save(state, step)    # blocks only while the state is copied
+    mgr.close()                            # last upload committed (or its error raised)
+
+Naming: checkpoint ``N`` lives at ``{root}/step-{N:010d}``, e.g.
+``s3://bucket/run-7/step-0000001500``. The step is zero-padded to ten digits so
+that object listings, consoles and ``cloudckpt ls`` show steps in numeric
+order. When listing, any ``step-<digits>`` prefix is accepted and its integer
+parsed, so checkpoints written as ``step-1500`` by other tools (torchtitan's
+naming) are found, loaded and retained too.
+
+A checkpoint counts only once it is committed (its ``.metadata`` exists):
+:meth:`CheckpointManager.latest`, :meth:`~CheckpointManager.steps` and
+:meth:`~CheckpointManager.load` never see a half-written one.
+
+Retention (``keep_last``/``keep_every``) runs on rank 0 inside the save's
+commit phase, right after ``.metadata`` is written and before DCP releases the
+other ranks. So when ``save()`` returns (or an async save's
+``upload_completion`` resolves) on *any* rank, the old checkpoints are already
+gone and every rank lists the same steps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from cloudckpt import layout
+from cloudckpt.errors import CheckpointNotFoundError, CloudCheckpointError, InvalidURIError
+from cloudckpt.store import ObjectStore, open_store
+from cloudckpt.uri import StorageURI, parse_uri
+from cloudckpt.writer import GCSStorageWriter, LocalStorageWriter, S3StorageWriter
+
+__all__ = [
+    "CheckpointManager",
+    "AsyncCheckpoint",
+    "RetentionPolicy",
+    "step_name",
+    "parse_step_name",
+    "step_prefixes",
+    "committed_steps",
+    "apply_retention",
+    "delete_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+#: Options only the writer takes; everything not listed here or in _READER_KEYS configures the store.
+_WRITER_KEYS = frozenset({"part_size", "max_concurrency", "overwrite", "target_object_size", "transfer_options"})
+#: Options only the reader takes.
+_READER_KEYS = frozenset({"max_concurrency", "read_gap_threshold", "transfer_options", "verify"})
+
+
+def step_name(step: int) -> str:
+    """The prefix name the manager writes checkpoint ``step`` under: ``step-{step:010d}``."""
+    return f"step-{_check_step(step):010d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """The step of a ``step-<digits>`` name (padded or not, trailing ``/`` allowed), else None."""
+    m = _STEP_RE.match(name.strip("/"))
+    return int(m.group(1)) if m else None
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+def _check_keep(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which committed checkpoints survive a commit.
+
+    ``keep_last``: the newest ``keep_last`` committed checkpoints.
+    ``keep_every``: every checkpoint whose step is a multiple of it (milestones).
+    Both None keeps everything. The newest committed checkpoint and any
+    protected step (the one just written) are always kept.
+    """
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_keep("keep_last", self.keep_last)
+        _check_keep("keep_every", self.keep_every)
+
+    @property
+    def active(self) -> bool:
+        """False when the policy keeps everything."""
+        return self.keep_last is not None or self.keep_every is not None
+
+    def doomed(self, committed: Iterable[int], protect: Iterable[int] = ()) -> list[int]:
+        """The steps of ``committed`` this policy deletes, ascending (pure: no I/O)."""
+        steps = sorted(set(committed))
+        if not self.active or not steps:
+            return []
+        keep = set(protect)
+        keep.add(steps[-1])  # the newest is what a restart resumes from
+        if self.keep_last is not None:
+            keep.update(steps[-self.keep_last:])
+        if self.keep_every is not None:
+            keep.update(s for s in steps if s % self.keep_every == 0)
+        return [s for s in steps if s not in keep]
+
+
+# -- listing and deleting (shared with the CLI) --------------------------------------------------------
+
+
+def step_prefixes(store: ObjectStore, root: StorageURI) -> dict[int, list[StorageURI]]:
+    """Every ``step-N`` prefix under ``root``, committed or not, by step (canonical name first)."""
+    base = root.key("")
+    out: dict[int, list[StorageURI]] = {}
+    for p in store.list_prefixes(base):
+        name = p[len(base):].strip("/")
+        step = parse_step_name(name)
+        if step is not None:
+            out.setdefault(step, []).append(root.child(name))
+    for step, uris in out.items():
+        canonical = step_name(step)
+        uris.sort(key=lambda u: (not u.prefix.endswith(canonical), u.prefix))
+    return out
+
+
+def _is_committed(store: ObjectStore, uri: StorageURI) -> bool:
+    return store.head(uri.key(layout.METADATA_NAME)) is not None
+
+
+def _committed_uri(store: ObjectStore, uris: Sequence[StorageURI]) -> StorageURI | None:
+    for uri in uris:
+        if _is_committed(store, uri):
+            return uri
+    return None
+
+
+def committed_steps(store: ObjectStore, root: StorageURI,
+                    prefixes: dict[int, list[StorageURI]] | None = None) -> dict[int, StorageURI]:
+    """Committed checkpoints under ``root``: step -> URI (one HEAD per candidate, in parallel)."""
+    dirs = step_prefixes(store, root) if prefixes is None else prefixes
+    if not dirs:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(dirs)),
+                                               thread_name_prefix="cloudckpt-list") as pool:
+        found = dict(zip(dirs, pool.map(lambda s: _committed_uri(store, dirs[s]), dirs)))
+    return {s: u for s, u in sorted(found.items()) if u is not None}
+
+
+def delete_checkpoint(store: ObjectStore, uri: StorageURI, *, abort_uploads: bool = False) -> int:
+    """Delete every object of the checkpoint at ``uri``, ``.metadata`` first; return how many.
+
+    Deleting ``.metadata`` first un-commits the checkpoint, so a deletion that
+    stops half-way leaves an uncommitted prefix (which ``cloudckpt gc`` removes)
+    rather than a committed checkpoint with missing data. Every object under
+    the prefix goes, not only the ones DCP wrote.
+    """
+    if uri.is_local and uri.prefix.rstrip("/") == "":
+        raise InvalidURIError("refusing to delete a filesystem root")
+    if not uri.is_local and not uri.prefix:
+        raise InvalidURIError(f"refusing to delete a whole bucket ({uri}); name a checkpoint prefix")
+    base = uri.key("")
+    meta = uri.key(layout.METADATA_NAME)
+    store.delete(meta)
+    keys = [o.key for o in store.list(base) if o.key != meta]
+    if keys:
+        store.delete_many(keys)
+    if abort_uploads:
+        for u in store.list_multipart_uploads(base):
+            store.abort_multipart(u.key, u.upload_id)
+    if uri.is_local:
+        # Local "prefixes" are directories: remove the now-empty tree too.
+        shutil.rmtree(uri.prefix, ignore_errors=True)
+    return len(keys) + 1
+
+
+def apply_retention(store: ObjectStore, root: StorageURI, policy: RetentionPolicy,
+                    protect: Iterable[int] = ()) -> list[int]:
+    """Delete the committed checkpoints under ``root`` that ``policy`` does not keep; return their steps.
+
+    Uncommitted prefixes (saves in progress, failed saves) are never candidates:
+    ``cloudckpt gc`` removes those once they are old enough.
+    """
+    if not policy.active:
+        return []
+    dirs = step_prefixes(store, root)
+    doomed = policy.doomed(committed_steps(store, root, dirs), protect)
+    for s in doomed:
+        for uri in dirs[s]:
+            delete_checkpoint(store, uri)
+        log.info("cloudckpt: retention deleted step %d under %s", s, root)
+    return doomed
+
+
+# -- writers that retain after their commit ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RetentionJob:
+    """What a managed writer needs to apply retention after its commit (picklable)."""
+
+    root: str
+    policy: RetentionPolicy
+    step: int
+
+
+class _RetainAfterCommit:
+    """Writer mixin: rank 0 applies the manager's retention right after ``.metadata`` is committed.
+
+    ``finish`` only runs on the coordinator, after every rank's uploads, and DCP
+    releases the other ranks only once it returns; so retention is finished
+    before ``save`` returns anywhere. A failed cleanup is logged, never raised:
+    the checkpoint is already committed.
+    """
+
+    retention: _RetentionJob | None = None
+
+    def finish(self, metadata: Any, results: Any) -> None:  # noqa: D102 - see the class docstring
+        super().finish(metadata, results)  # type: ignore[misc]
+        job = self.retention
+        # Without collectives every rank writes its own metadata: the manager does not retain then.
+        if job is None or self._metadata_name() != layout.METADATA_NAME:  # type: ignore[attr-defined]
+            return
+        try:
+            deleted = apply_retention(self.store, parse_uri(job.root), job.policy, protect=(job.step,))  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - a failed cleanup must not fail a committed save
+            log.warning("cloudckpt: retention under %s failed after committing step %d (checkpoints kept): %s",
+                        job.root, job.step, exc)
+            return
+        if deleted:
+            log.info("cloudckpt: committed step %d under %s; retention deleted steps %s", job.step, job.root, deleted)
+
+
+class _ManagedS3Writer(_RetainAfterCommit, S3StorageWriter):
+    """S3 writer of a :class:`CheckpointManager` (retains after commit)."""
+
+
+class _ManagedGCSWriter(_RetainAfterCommit, GCSStorageWriter):
+    """GCS writer of a :class:`CheckpointManager` (retains after commit)."""
+
+
+class _ManagedLocalWriter(_RetainAfterCommit, LocalStorageWriter):
+    """Local writer of a :class:`CheckpointManager` (retains after commit)."""
+
+
+_MANAGED_WRITERS = {"s3": _ManagedS3Writer, "gs": _ManagedGCSWriter, "file": _ManagedLocalWriter}
+
+
+def _typed(exc: BaseException) -> BaseException:
+    """DCP's ``CheckpointException`` replaced by the cloudckpt error behind it, as ``cloudckpt.save`` does."""
+    from cloudckpt.api import typed_errors
+
+    try:
+        with typed_errors():
+            raise exc
+    except BaseException as typed:  # noqa: BLE001 - returned, not swallowed
+        return typed
+    return exc  # pragma: no cover - the block always raises
+
+
+# -- the manager -------------------------------------------------------------------------------------
+
+
+@dataclass
+class AsyncCheckpoint:
+    """Handle of one :meth:`CheckpointManager.async_save`.
+
+    ``staging_completion`` completes when the state dict has been copied and
+    may be modified again; ``upload_completion`` completes (with the DCP
+    ``Metadata``) once the checkpoint is committed and retention has run, or
+    fails with the save's error.
+    """
+
+    step: int
+    checkpoint_id: str
+    staging_completion: concurrent.futures.Future
+    upload_completion: concurrent.futures.Future
+    #: Seconds async_save blocked the caller (waiting for the previous upload, then staging).
+    blocked_s: float = 0.0
+    #: Seconds from the return of async_save to the commit (set when the upload succeeds).
+    upload_s: float | None = field(default=None)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the commit; return the Metadata or raise the save's error."""
+        return self.upload_completion.result(timeout)
+
+    def done(self) -> bool:
+        """True once the upload finished (committed or failed)."""
+        return self.upload_completion.done()
+
+
+class CheckpointManager:
+    """Numbered checkpoints under ``root_uri`` (``s3://``, ``gs://`` or a local path).
+
+    Args:
+        root_uri: where checkpoints live; checkpoint ``N`` is ``{root}/step-{N:010d}``.
+        keep_last: after each commit, keep only the ``keep_last`` newest committed
+            checkpoints (None: keep all).
+        keep_every: also keep every checkpoint whose step is a multiple of
+            ``keep_every``. Given alone, everything else except the newest
+            checkpoint is deleted.
+        executor: a long-lived :class:`~cloudckpt.executors.ThreadCheckpointExecutor`
+            or :class:`~cloudckpt.executors.ProcessCheckpointExecutor` for
+            :meth:`async_save`; it stays open when the manager closes. None: the
+            manager creates a thread executor on first use and closes it in :meth:`close`.
+        process_group: the group saves and loads run on (None: the default group).
+        **writer_options: ``part_size``, ``max_concurrency``, ``overwrite``,
+            ``target_object_size``, ``transfer_options`` go to the writer;
+            ``max_concurrency``, ``read_gap_threshold``, ``verify``,
+            ``transfer_options`` to the reader; the rest (``endpoint_url``,
+            ``region``, ``project``, client options) configure the object store
+            for saves, loads, listing and deletion.
+
+    Retention runs only after a commit, only on rank 0, and never deletes the
+    newest committed checkpoint, the one just written, or any uncommitted
+    prefix (a save in progress or a failed one); ``cloudckpt gc`` removes
+    failed ones once they are old enough. At most one save of a manager is in
+    flight: a new save first waits for the previous one.
+
+    :meth:`save`, :meth:`async_save`, :meth:`load`, :meth:`wait` and
+    :meth:`close` are collective (every rank calls them, in the same order);
+    :meth:`latest`, :meth:`steps` and :meth:`delete` are not (:meth:`delete`
+    does nothing on ranks other than 0).
+    """
+
+    def __init__(
+        self,
+        root_uri: "str | StorageURI",
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        executor: Any = None,
+        process_group: Any = None,
+        **writer_options: Any,
+    ) -> None:
+        self.policy = RetentionPolicy(keep_last, keep_every)
+        self.root = parse_uri(root_uri)
+        self.executor = executor
+        self.process_group = process_group
+        self.store_options = {k: v for k, v in writer_options.items() if k not in _WRITER_KEYS | _READER_KEYS}
+        self.writer_options = dict(self.store_options,
+                                   **{k: v for k, v in writer_options.items() if k in _WRITER_KEYS})
+        self.reader_options = dict(self.store_options,
+                                   **{k: v for k, v in writer_options.items() if k in _READER_KEYS})
+        self._store: ObjectStore | None = None
+        self._lock = threading.Lock()
+        self._in_flight: set[int] = set()
+        self._pending: list[AsyncCheckpoint] = []
+        self._own_executor: Any = None
+        self._stager: Any = None
+        self._closed = False
+
+    @property
+    def keep_last(self) -> int | None:
+        """See the class docstring."""
+        return self.policy.keep_last
+
+    @property
+    def keep_every(self) -> int | None:
+        """See the class docstring."""
+        return self.policy.keep_every
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self.root)!r}, keep_last={self.keep_last}, keep_every={self.keep_every})"
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def store(self) -> ObjectStore:
+        """The object store of the root (created on first use)."""
+        if self._store is None:
+            self._store = open_store(self.root, **self.store_options)
+        return self._store
+
+    def checkpoint_uri(self, step: int) -> str:
+        """The URI checkpoint ``step`` is written to: ``{root}/step-{step:010d}``."""
+        return str(self.root.child(step_name(step)))
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(self.process_group) if self.process_group is not None else dist.get_rank()
+        return 0
+
+    def _writer(self, step: int) -> Any:
+        uri = self.checkpoint_uri(step)
+        writer = _MANAGED_WRITERS[self.root.scheme](uri, **self.writer_options)
+        writer.retention = _RetentionJob(str(self.root), self.policy, step) if self.policy.active else None
+        return writer
+
+    # -- queries -------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Steps of the committed checkpoints, ascending."""
+        return list(committed_steps(self.store, self.root))
+
+    def latest(self) -> int | None:
+        """The newest committed step, or None (checks candidates newest first, so usually one HEAD)."""
+        dirs = step_prefixes(self.store, self.root)
+        for step in sorted(dirs, reverse=True):
+            if _committed_uri(self.store, dirs[step]) is not None:
+                return step
+        return None
+
+    # -- saving ---------------------------------------------------------------------------------
+    def _begin(self, step: int) -> None:
+        with self._lock:
+            self._in_flight.add(step)
+
+    def _end(self, step: int) -> None:
+        with self._lock:
+            self._in_flight.discard(step)
+
+    def save(self, state_dict: dict[str, Any], step: int) -> Any:
+        """Save ``state_dict`` as checkpoint ``step`` (blocking, collective); return its Metadata.
+
+        In-flight async saves are waited for first (their error, if any, is
+        raised), so commits happen in call order. Retention has run when this returns.
+        """
+        from cloudckpt.api import save
+
+        step = _check_step(step)
+        self._check_open()
+        self.wait()
+        writer = self._writer(step)
+        self._begin(step)
+        try:
+            return save(state_dict, writer.uri, storage_writer=writer, process_group=self.process_group)
+        finally:
+            self._end(step)
+
+    def async_save(self, state_dict: dict[str, Any], step: int) -> AsyncCheckpoint:
+        """Save ``state_dict`` as checkpoint ``step`` in the background (collective).
+
+        Blocks while the previous async save finishes uploading (raising its
+        error, if it failed: a failed checkpoint is never silent) and while
+        ``state_dict`` is copied into reused staging buffers; returns a handle
+        whose ``upload_completion`` resolves at the commit, after retention.
+        """
+        from cloudckpt.executors import async_save
+
+        step = _check_step(step)
+        self._check_open()
+        t0 = time.perf_counter()
+        self.wait()
+        writer = self._writer(step)
+        executor = self._executor()
+        if self._stager is None:
+            from cloudckpt.staging import Stager
+
+            self._stager = Stager(shared_memory=getattr(executor, "needs_shared_memory", False))
+        self._begin(step)
+        try:
+            resp = async_save(state_dict, checkpoint_id=str(writer.uri), executor=executor, stager=self._stager,
+                              storage_writer=writer, process_group=self.process_group)
+        except BaseException:
+            self._end(step)
+            raise
+        handle = AsyncCheckpoint(step=step, checkpoint_id=str(writer.uri),
+                                 staging_completion=resp.staging_completion,
+                                 upload_completion=concurrent.futures.Future())
+        started = time.perf_counter()
+
+        def done(fut: concurrent.futures.Future) -> None:
+            # Runs on the thread that finished the upload: un-track before publishing,
+            # so a caller woken by the handle can delete or re-save the step at once.
+            self._end(step)
+            exc = fut.exception()
+            if exc is not None:
+                handle.upload_completion.set_exception(_typed(exc))
+                return
+            handle.upload_s = time.perf_counter() - started
+            handle.upload_completion.set_result(fut.result())
+
+        with self._lock:
+            self._pending.append(handle)
+        handle.blocked_s = time.perf_counter() - t0
+        resp.upload_completion.add_done_callback(done)
+        return handle
+
+    def _executor(self) -> Any:
+        # One long-lived executor: a new worker (and a new gloo group) per save would cost seconds.
+        if self.executor is not None:
+            return self.executor
+        if self._own_executor is None:
+            from cloudckpt.executors import ThreadCheckpointExecutor
+
+            self._own_executor = ThreadCheckpointExecutor()
+        return self._own_executor
+
+    def wait(self) -> None:
+        """Wait for every in-flight async save; raise the first error among them (once)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        first: BaseException | None = None
+        for h in pending:
+            try:
+                h.upload_completion.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                first = first or exc
+        if first is not None:
+            raise first
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, state_dict: dict[str, Any], step: int | None = None) -> int | None:
+        """Load checkpoint ``step`` (default: the latest committed) into ``state_dict`` in place.
+
+        Returns the step loaded, or None (``state_dict`` untouched) when there is
+        no committed checkpoint, so ``step = mgr.load(state)`` is the whole
+        resume logic. With a process group, rank 0 picks the step and
+        broadcasts it, so every rank loads the same checkpoint even while
+        another job commits a new one. Collective.
+        """
+        import torch.distributed as dist
+
+        from cloudckpt.api import load
+
+        if step is None:
+            if dist.is_available() and dist.is_initialized():
+                choice: list[Any] = [None]
+                if self._rank() == 0:
+                    try:
+                        choice[0] = ("ok", self.latest())
+                    except CloudCheckpointError as exc:
+                        choice[0] = ("error", f"{type(exc).__name__}: {exc}")
+                dist.broadcast_object_list(choice, src=self._global_rank0(), group=self.process_group)
+                status, value = choice[0]
+                if status == "error":
+                    raise CloudCheckpointError(f"rank 0 could not find the latest checkpoint under {self.root}: "
+                                               f"{value}")
+                step = value
+            else:
+                step = self.latest()
+            if step is None:
+                return None
+        step = _check_step(step)
+        uri = _committed_uri(self.store, step_prefixes(self.store, self.root).get(step, []))
+        if uri is None:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint for step {step} under {self.root} (expected "
+                f"{self.checkpoint_uri(step)}/.metadata); committed steps: {self.steps() or 'none'}. "
+                "Call load(state) without a step to resume from the latest one"
+            )
+        load(state_dict, str(uri), process_group=self.process_group, **self.reader_options)
+        return step
+
+    def _global_rank0(self) -> int:
+        import torch.distributed as dist
+
+        if self.process_group is None:
+            return 0
+        return dist.get_global_rank(self.process_group, 0)
+
+    # -- deletion and retention ------------------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Delete checkpoint ``step`` (committed or not) on rank 0; a no-op on other ranks.
+
+        ``.metadata`` goes first, so a partly deleted checkpoint is never seen as
+        committed; then the manifest, data objects and any unfinished uploads.
+        Raises ValueError while this manager is still saving the step, and
+        CheckpointNotFoundError if nothing is stored for it.
+        """
+        step = _check_step(step)
+        with self._lock:
+            if step in self._in_flight:
+                raise ValueError(f"checkpoint {step} under {self.root} is still being saved; "
+                                 "call wait() before deleting it")
+        if self._rank() != 0:
+            return
+        uris = step_prefixes(self.store, self.root).get(step)
+        if not uris:
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {self.root} "
+                                          f"(committed steps: {self.steps() or 'none'})")
+        for uri in uris:
+            delete_checkpoint(self.store, uri, abort_uploads=True)
+
+    def apply_retention(self) -> list[int]:
+        """Apply ``keep_last``/``keep_every`` now (rank 0 only); return the deleted steps.
+
+        Saves do this automatically after every commit; call it after changing
+        the policy or to clean up a root written without one.
+        """
+        if self._rank() != 0:
+            return []
+        with self._lock:
+            protect = set(self._in_flight)
+        return apply_retention(self.store, self.root, self.policy, protect)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this CheckpointManager ({self.root}) is closed; create a new one")
+
+    def close(self) -> None:
+        """Wait for in-flight saves (raising their error) and stop the manager's own workers."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._own_executor is not None:
+                self._own_executor.close()
+                self._own_executor = None
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

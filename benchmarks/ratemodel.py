@@ -24,10 +24,11 @@ to N ranks with B bytes each, and derives:
   count in a second is binomial: the peak shown is its mean + 3 standard
   deviations. Without the cap, every rank fires ``max_concurrency`` requests at
   once and then goes at its natural rate;
-* the time to save: the largest of the rate-bound, bandwidth-bound,
-  and client-CPU-bound times (plus half the ramp, the most the ramp can cost a
-  bandwidth-bound rank). A rank's bandwidth is shared by its requests in
-  flight, each capped by one connection's throughput (an assumption, see
+* the time to save: the larger of the rate-bound and the transfer-bound
+  times (random start phase + bytes over the rank's usable bandwidth + per
+  request latency + at most half the ramp), or the client-CPU-bound time. A
+  rank's bandwidth is shared by its requests in flight, each capped by one
+  connection's throughput (an assumption, see
   :data:`DEFAULT_CONNECTION_BANDWIDTH`). Rows over the limit show no time: the
   service would answer 503s, and the unthrottled figure would be fiction.
 
@@ -58,12 +59,13 @@ S3_WRITES_PER_PARTITION = 3500.0
 GCS_WRITES_PER_BUCKET_INITIAL = 1000.0
 
 #: Per-request client costs measured with ``--measure`` against cloudckpt.testing.fast_s3 on the
-#: development machine (2 cores, loopback; see docs/scale.md for the run). CPU is this
-#: process's CPU (boto3 signing and HTTP, cloudckpt's CRC32C), wall is one request at a time.
+#: development machine (2 shared cores, loopback; median of 3 runs, see docs/scale.md). CPU is
+#: this process's CPU, user + system (boto3 signing and HTTP, cloudckpt's CRC32C, the kernel's
+#: loopback send); wall is one request at a time.
 MEASURED = {
-    "client_cpu_per_request_s": 0.0021,
-    "client_cpu_per_byte_s": 0.23e-9,
-    "loopback_wall_per_request_s": 0.0029,
+    "client_cpu_per_request_s": 0.00121,
+    "client_cpu_per_byte_s": 0.413e-9,
+    "loopback_wall_per_request_s": 0.00152,
 }
 
 #: Assumed service latency of one write request in the same region (first byte to reply,
@@ -231,11 +233,17 @@ def model(s: Scenario) -> Result:
         limit, scope = S3_WRITES_PER_PARTITION, "one partition (unpartitioned)"
 
     last_part = min(part, sizes[-1]) if sizes else 0
-    # The ramp holds requests in flight below the maximum for its first seconds: at most half of it is lost.
+    # The ramp holds requests in flight below the maximum for its first seconds: at most half of it is
+    # lost (nothing when the rank has a single request in flight anyway).
+    # A paced rank's first request waits for its random phase, up to 1 / rate_cap.
+    phase = 0.0 if rate_cap is None else 1.0 / rate_cap
     times = {
-        "bandwidth": s.bytes_per_rank / rank_bw + n * s.service_latency / in_flight + ramp / 2,
-        "client CPU": n * cpu_per_request,
-        "rate cap": (0.0 if rate_cap is None else 1.0 / rate_cap + (n - 1) / rate + s.service_latency
+        "transfer": (phase + s.bytes_per_rank / rank_bw + n * s.service_latency / in_flight
+                     + ramp / 2 * (1 - 1 / in_flight)),
+        "client CPU": phase + n * cpu_per_request,
+        # Only a cap below the natural rate sets the pace (else the bandwidth term already counts it).
+        "rate cap": (0.0 if rate_cap is None or rate_cap >= natural else
+                     1.0 / rate_cap + (n - 1) / rate_cap + s.service_latency
                      + last_part / min(s.rank_bandwidth, s.connection_bandwidth)),
     }
     bound = max(times, key=lambda k: times[k])

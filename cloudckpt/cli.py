@@ -58,7 +58,8 @@ EXIT_CODES = {
 }
 
 MiB = 1024 * 1024
-_DATA_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+# Data objects: stock names, or with the spreading tag of prefix_strategy in front (writer.rank_prefix).
+_DATA_RE = re.compile(r"^(?:[0-9a-f]+-)?__(\d+)_(\d+)\.distcp$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

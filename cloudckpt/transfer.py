@@ -312,19 +312,23 @@ class TransferEngine:
         objects: Sequence[ObjectUpload],
         *,
         progress: Callable[[int], None] | None = None,
+        deadline: float | None = None,
     ) -> list[UploadedObject]:
         """Upload every object (multipart above the part size); all-or-nothing.
 
-        On any failure, or when ``save_deadline`` passes, pending requests are
+        On any failure, or when the deadline passes, pending requests are
         cancelled (in-flight retries stop), every multipart upload started here
         is aborted, objects completed here are deleted, and the first error is
-        raised. Nothing is swallowed.
+        raised. Nothing is swallowed. ``deadline`` is a ``time.monotonic()``
+        instant (the writer passes the save's start + ``save_deadline``); by
+        default it is ``save_deadline`` seconds from now.
         """
         if not objects:
             return []
         opts = self.options
         started = time.monotonic()
-        deadline = None if opts.save_deadline is None else started + opts.save_deadline
+        if deadline is None and opts.save_deadline is not None:
+            deadline = started + opts.save_deadline
         failure = _Failure()
         pacing = plan_pacing(opts, self.store.scheme, self.world_size)
         base_part_size = plan_budget_part_size([o.size for o in objects], opts.part_size, pacing.max_requests,

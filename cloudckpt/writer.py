@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import pickle
+import time
 import uuid
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from cloudckpt import __version__, layout
+from cloudckpt import __version__, layout, retry
 from cloudckpt.errors import CheckpointExistsError, InvalidURIError, PreconditionFailedError
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions
@@ -135,6 +136,8 @@ class CloudStorageWriter(StorageWriter):
         self.prefix_strategy = prefix_strategy
         #: Pacing of this rank's latest upload (world size, rate, ramp, request budget, part size).
         self.last_pacing: Any = None
+        #: Retry/AIMD counters of this rank's latest upload (RetryStats.as_dict()).
+        self.last_transfer_stats: dict[str, Any] | None = None
         opts = transfer_options or TransferOptions()
         overrides = {k: v for k, v in (("part_size", part_size), ("max_concurrency", max_concurrency),
                                        ("target_object_size", target_object_size)) if v is not None}
@@ -210,6 +213,8 @@ class CloudStorageWriter(StorageWriter):
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank", self.rank)
         self.use_collectives = kwargs.get("use_collectives", True)
+        # DCP calls this first in every save: TransferOptions.save_deadline counts from here.
+        self._save_started = time.monotonic()
         if self.rank is None:
             import torch.distributed as dist
 
@@ -219,8 +224,18 @@ class CloudStorageWriter(StorageWriter):
         """Nothing per rank: the existence check is made once, by rank 0."""
         return plan
 
+    def _save_deadline(self) -> float | None:
+        """The ``time.monotonic()`` instant this save must end by (None: no deadline)."""
+        limit = self.transfer_options.save_deadline
+        started = getattr(self, "_save_started", None)
+        return None if limit is None or started is None else started + limit
+
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Rank 0, before any upload: check the target and assign per-rank prefixes."""
+        with retry.use_scope(retry.RetryScope(deadline=self._save_deadline())):
+            return self._prepare_global_plan(plans)
+
+    def _prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         uri = self._require_uri()
         store = self.store
         store.check_bucket()
@@ -277,9 +292,10 @@ class CloudStorageWriter(StorageWriter):
         world = getattr(plan.storage_data, "world_size", None) or _world_size()
         engine = TransferEngine(self.store, self.transfer_options, world_size=world)
         try:
-            done = {u.key: u for u in engine.upload(uploads)}
+            done = {u.key: u for u in engine.upload(uploads, deadline=self._save_deadline())}
         finally:
             self.last_pacing = engine.pacing
+            self.last_transfer_stats = engine.stats.as_dict()
         results = []
         for fi, name, offset in placements:
             obj = done[uri.key(name)]
@@ -316,6 +332,10 @@ class CloudStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Rank 0 (or every rank without collectives): write the manifest, then commit ``.metadata``."""
+        with retry.use_scope(retry.RetryScope(deadline=self._save_deadline())):
+            self._finish(metadata, results)
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         uri = self._require_uri()
         store = self.store
         storage_data = {}

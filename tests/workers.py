@@ -385,3 +385,68 @@ def save_under_faults(rank: int, world: int, uri: str, options: dict, bad_rank: 
     except BaseException as exc:  # noqa: BLE001 - reported to the test
         outcome = type(exc).__name__
     return {"outcome": outcome, "elapsed": time.monotonic() - start}
+
+
+# -- scale (tests/test_scale.py) -------------------------------------------------------------------
+
+
+def scale_save_load(rank: int, world: int, uri: str, options: dict, strategy: Any) -> dict:
+    """Save a small sharded state dict with ``prefix_strategy=strategy``, then load it back in the same world."""
+    import cloudckpt
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(11)
+    full = torch.randn(4 * world, 6, generator=g)
+    shared = torch.arange(10, dtype=torch.int64)
+    sd = {"w": distribute_tensor(full, mesh, [Shard(0)]), "shared": shared,
+          f"own{rank}": torch.full((3,), float(rank)), "step": 5}
+    writer = cloudckpt.storage_writer(uri, prefix_strategy=strategy, **options)
+    cloudckpt.save(sd, uri, storage_writer=writer)
+    dist.barrier()
+    other = (rank + 1) % world  # another rank's private key: reads cross ranks
+    out = {"w": distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)]),
+           "shared": torch.zeros(10, dtype=torch.int64), f"own{other}": torch.zeros(3), "step": -1}
+    cloudckpt.load(out, uri, **options)
+    ok = (torch.equal(out["w"].full_tensor(), full) and torch.equal(out["shared"], shared) and out["step"] == 5
+          and torch.equal(out[f"own{other}"], torch.full((3,), float(other))))
+    pacing = writer.last_pacing
+    return {"ok": bool(ok), "world_size": pacing.world_size, "rate_per_rank": pacing.rate_per_rank}
+
+
+def throttled_save(rank: int, world: int, uri: str, options: dict, transfer: dict) -> dict:
+    """Each rank saves 30 MiB with TransferOptions(**transfer); report the outcome and the rank's counters."""
+    import time
+
+    import cloudckpt
+    from cloudckpt.transfer import TransferOptions
+
+    mib = 1 << 20
+    t = torch.arange(30 * mib // 4, dtype=torch.float32) + rank  # 30 MiB: 7 parts of 5 MiB
+    writer = cloudckpt.storage_writer(uri, transfer_options=TransferOptions(**transfer), **options)
+    start = time.monotonic()
+    try:
+        cloudckpt.save({f"w{rank}": t}, uri, storage_writer=writer)
+        outcome = "committed"
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        outcome = type(exc).__name__
+    elapsed = time.monotonic() - start
+    loaded = None
+    if outcome == "committed":
+        out = {f"w{rank}": torch.empty_like(t)}
+        cloudckpt.load(out, uri, **options)
+        loaded = bool(torch.equal(out[f"w{rank}"], t))
+    pacing = writer.last_pacing
+    return {"outcome": outcome, "elapsed": elapsed, "loaded": loaded, "stats": writer.last_transfer_stats,
+            "rate_per_rank": None if pacing is None else pacing.rate_per_rank,
+            "requests": None if pacing is None else pacing.requests}
+
+
+def throttled_saves(rank: int, world: int, cases: list) -> list[dict]:
+    """:func:`throttled_save` for each ``(uri, options, transfer)`` in turn, in one world (one spawn)."""
+    out = []
+    for uri, options, transfer in cases:
+        out.append(throttled_save(rank, world, uri, options, transfer))
+        dist.barrier()
+    return out

@@ -101,7 +101,8 @@ def test_retry_loop_stops_at_max_attempts_and_reraises_final_errors():
 
 def test_refused_connections_give_up_on_their_own_short_clock_and_then_fail_fast():
     health = retry.EndpointHealth()
-    policy = RetryPolicy(unreachable_timeout=0.3, initial_backoff=0.05, max_backoff=0.1)
+    # Attempts are not the limit here (the jittered delays could use 10 up in 0.3 s): the clock is.
+    policy = RetryPolicy(unreachable_timeout=0.3, initial_backoff=0.05, max_backoff=0.1, max_attempts=1000)
     fn, seen = _flaky([RuntimeError("refused")] * 1000)
     t0 = time.monotonic()
     with pytest.raises(GaveUp) as info:
@@ -230,6 +231,21 @@ def test_persistent_throttling_fails_within_the_deadline_and_leaves_nothing(clou
     keys = cloud_backend.keys(uri)
     assert ".metadata" not in keys and not [k for k in keys if k.endswith(".distcp")]
     assert cloud_backend.pending_uploads(uri) == []
+
+
+def test_the_deadline_covers_the_whole_save_including_the_commit(cloud_backend):
+    ops = OPS[cloud_backend.name]
+    uri = cloud_backend.uri("late-commit")
+    rules = [FaultRule(ops["put"], fault="status", status=503, rate=1.0, path_regex=COMMIT_PATH[cloud_backend.name])]
+    with _proxy(cloud_backend, rules) as proxy:
+        opts = _proxied(cloud_backend, proxy, transfer_options=TransferOptions(save_deadline=4.0))
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match="save_deadline"):
+            cloudckpt.save({"a": torch.randn(1000)}, uri, no_dist=True, **opts)
+        elapsed = time.monotonic() - t0
+        assert proxy.stats()["faults"][ops["put"]]["status"] >= 1
+    assert elapsed < 40, f"took {elapsed:.1f} s"
+    assert ".metadata" not in cloud_backend.keys(uri)
 
 
 # -- the trial suite: one trial per fault kind and backend -----------------------------------------

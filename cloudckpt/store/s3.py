@@ -240,6 +240,8 @@ class S3Store(ObjectStore):
             ProxyConnectionError,
         )
 
+        if isinstance(exc, CloudCheckpointError):
+            return None  # already judged by a nested call
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))

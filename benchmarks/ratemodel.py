@@ -48,7 +48,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from cloudckpt.transfer import TransferOptions, count_requests, plan_budget_part_size, plan_pacing
+from cloudckpt.transfer import (
+    MAX_DEFAULT_CONCURRENCY,
+    TransferOptions,
+    count_requests,
+    plan_budget_part_size,
+    plan_pacing,
+)
 from cloudckpt.writer import rank_prefix
 
 MiB = 1 << 20
@@ -99,7 +105,7 @@ class Scenario:
     rank_bandwidth: float = 1.25e9
     backend: str = "s3"
     prefix_strategy: "str | int" = "none"
-    options: TransferOptions = field(default_factory=TransferOptions)
+    options: TransferOptions = field(default_factory=lambda: node_options())
     #: Bypass cloudckpt's pacing and request budget (the fixed-part-size, fire-at-once baseline).
     unpaced: bool = False
     #: Whether each spread prefix is already its own S3 partition (only then does spreading raise the limit).
@@ -261,22 +267,27 @@ def model(s: Scenario) -> Result:
 LLAMA70B_ADAM_BYTES = 70_000_000_000 * 14
 
 
+def node_options(**overrides: Any) -> TransferOptions:
+    """cloudckpt's defaults as they resolve on a training node (dozens of CPUs), whatever runs the model."""
+    return TransferOptions(**{"max_concurrency": MAX_DEFAULT_CONCURRENCY, **overrides})
+
+
 def scenarios(**overrides: Any) -> list[Scenario]:
     """The scenarios of the table: 1,024 nodes x 8 GPUs saving a 70B model with optimizer state."""
     ranks = 1024 * 8
     per_rank = LLAMA70B_ADAM_BYTES // ranks
     base = dict(ranks=ranks, bytes_per_rank=per_rank)
     base.update(overrides)
-    inf = TransferOptions(request_rate_limit=math.inf)
+    inf = node_options(request_rate_limit=math.inf)
     rows = [
         Scenario("defaults", backend="s3", **base),
         Scenario("defaults", backend="gs", **base),
         Scenario("defaults + hash spreading", backend="s3", prefix_strategy="hash", **base),
         Scenario("defaults + hash, partitioned, cap raised x256", backend="s3", prefix_strategy="hash",
-                 partitioned=True, options=TransferOptions(request_rate_limit=256 * 3000.0), **base),
+                 partitioned=True, options=node_options(request_rate_limit=256 * 3000.0), **base),
         Scenario("no pacing (fixed 32 MiB parts, all at once)", backend="s3", unpaced=True, options=inf, **base),
         Scenario("no pacing, 8 MiB parts (s3torchconnector default)", backend="s3", unpaced=True,
-                 options=TransferOptions(part_size=8 * MiB, request_rate_limit=math.inf), **base),
+                 options=node_options(part_size=8 * MiB, request_rate_limit=math.inf), **base),
         Scenario("no pacing + hash spreading, unpartitioned", backend="s3", unpaced=True, prefix_strategy="hash",
                  options=inf, **base),
         Scenario("no pacing + hash spreading, partitioned", backend="s3", unpaced=True, prefix_strategy="hash",

@@ -101,20 +101,31 @@ class Runner:
         self.servers.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def roundtrip(self, method: str, server_kind: str | None, name: str, label: str,
-                  options: dict[str, Any] | None = None, total_bytes: int | None = None,
-                  ops: tuple[str, ...] = ("save", "load")) -> dict[str, dict[str, Any]]:
-        """Save then load ``method`` (each in a fresh child), then drop the stored data."""
+    def spec(self, method: str, server_kind: str | None, name: str, label: str,
+             options: dict[str, Any] | None = None, total_bytes: int | None = None) -> dict[str, Any]:
+        """The child's job description, without the op."""
         server = self.servers[server_kind] if server_kind else None
-        spec = {
+        return {
             "method": method, "label": label, "name": name, "options": options or {},
             "total_bytes": total_bytes or self.total_bytes, "tensor_bytes": self.tensor_bytes,
             "server": server.info if server else None, "workdir": self.workdir,
         }
+
+    def roundtrip(self, method: str, server_kind: str | None, name: str, label: str,
+                  options: dict[str, Any] | None = None, total_bytes: int | None = None,
+                  ops: tuple[str, ...] = ("save", "load"),
+                  hooks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """Save then load ``method`` (each in a fresh child), then drop the stored data.
+
+        ``hooks`` maps an op to ``on_ready``/``on_done`` callbacks for :func:`run_child`
+        (the profiler attaches there).
+        """
+        server = self.servers[server_kind] if server_kind else None
+        spec = self.spec(method, server_kind, name, label, options, total_bytes)
         out: dict[str, dict[str, Any]] = {}
         try:
             for op in ops:
-                res = run_child(dict(spec, op=op), timeout=self.timeout)
+                res = run_child(dict(spec, op=op), timeout=self.timeout, **(hooks or {}).get(op, {}))
                 res["label"], res["options"] = label, options or {}
                 out[op] = res
                 if self.log:

@@ -22,6 +22,7 @@ request is idempotent: a part is re-sent from the caller's staged buffers.
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 import time
@@ -39,6 +40,7 @@ from cloudckpt.store.base import Buffer, ObjectStore, PartResult
 __all__ = [
     "abort_incomplete_uploads",
     "TransferOptions",
+    "default_max_concurrency",
     "ObjectUpload",
     "UploadedObject",
     "TransferEngine",
@@ -56,14 +58,36 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 
+#: Requests in flight per rank on a host with CPUs to spare: enough to fill a
+#: rank's share of a training node's NIC at object-store latencies (~16 x 90 MB/s).
+MAX_DEFAULT_CONCURRENCY = 16
+
+
+def default_max_concurrency() -> int:
+    """``max_concurrency`` when none is given: 16, or twice the usable CPUs if fewer.
+
+    Each request in flight is a thread that spends CPU in the kernel and in
+    botocore. On a host with few cores, threads beyond about two per core only
+    contend: the sweep in docs/benchmarks.md measured 16 threads on 2 cores at
+    more client CPU per GB and less throughput than 4. Training nodes have
+    dozens of cores, so there the default is 16.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(4, min(MAX_DEFAULT_CONCURRENCY, 2 * cpus))
+
+
 @dataclass(frozen=True)
 class TransferOptions:
     """Tuning knobs of the transfer engine (defaults chosen by ``benchmarks/``)."""
 
     #: Bytes per multipart part (grown automatically if an object would need > max parts).
     part_size: int = 32 * MiB
-    #: Requests in flight per rank, shared by all of that rank's objects.
-    max_concurrency: int = 16
+    #: Requests in flight per rank, shared by all of that rank's objects
+    #: (default: :func:`default_max_concurrency`, 16 on a host with 8+ CPUs).
+    max_concurrency: int = field(default_factory=default_max_concurrency)
     #: A rank's items are split into data objects of about this size.
     target_object_size: int = 1 * GiB
     #: Ranged reads closer than this are merged into one request.

@@ -68,7 +68,7 @@ def test_prefix_fan_out_is_even_and_hash_uses_many_prefixes():
 
 
 def test_pacing_defaults_follow_world_size_and_backend():
-    opts = TransferOptions()
+    opts = TransferOptions(max_concurrency=16)  # the default on a host with 8+ CPUs
     big = plan_pacing(opts, "s3", 8192)
     assert big.rate_per_rank == pytest.approx(DEFAULT_REQUEST_RATE["s3"] / 8192)
     assert big.ramp_seconds == 2.0                          # capped

@@ -90,3 +90,13 @@ def test_options_are_validated():
         s = LocalStore()
         s.max_part_size = 10
         plan_part_size(10**9, 1, s)
+
+
+def test_default_concurrency_follows_the_usable_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudckpt import transfer
+
+    for cpus, want in ((1, 4), (2, 4), (4, 8), (8, 16), (96, 16)):
+        monkeypatch.setattr(transfer.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert transfer.default_max_concurrency() == want
+        assert TransferOptions().max_concurrency == want
+    assert TransferOptions(max_concurrency=32).max_concurrency == 32

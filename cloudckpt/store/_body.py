@@ -71,23 +71,29 @@ class SegmentReader(io.RawIOBase):
         return n
 
     def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes, never past the end of the current segment.
+
+        The result is a view of the segment, not a copy: HTTP clients hand
+        what ``read()`` returns to ``socket.sendall``, which takes any buffer,
+        so the payload goes from tensor memory to the socket. A short read at a
+        segment boundary is allowed by the raw I/O contract, and every caller
+        (http.client, urllib3) loops until ``read()`` returns nothing.
+        """
         if size is None or size < 0:
             size = self._size - self._pos
         size = max(0, min(size, self._size - self._pos))
         if size == 0:
             return b""
-        # Fast path: the read lies inside one segment -> a view of it, no copy.
-        # HTTP clients hand what read() returns to socket.sendall, which takes
-        # any buffer, so the payload goes from tensor memory to the socket.
         i = bisect.bisect_right(self._starts, self._pos) - 1
         off = self._pos - self._starts[i]
         seg = self._segs[i]
-        if off + size <= seg.nbytes:
-            self._pos += size
-            return seg[off:off + size]  # type: ignore[return-value]
-        buf = bytearray(size)
-        self.readinto(buf)
-        return bytes(buf)
+        take = min(size, seg.nbytes - off)
+        self._pos += take
+        return seg[off:off + take]  # type: ignore[return-value]
 
     def readall(self) -> bytes:
-        return self.read(-1)
+        """Everything from the position to the end, as one (copied) bytes object."""
+        chunks = []
+        while chunk := self.read(-1):
+            chunks.append(bytes(chunk))
+        return b"".join(chunks)

@@ -61,6 +61,28 @@ class _Truncated(Exception):
 # no per-store state: clients, with their own config, are still one per store.
 # The credential-related environment is part of the key, so a process that
 # changes its credentials gets a fresh session rather than stale ones.
+# urllib3 sends a file-like body in read() blocks of this size (botocore sets
+# 128 KiB). Each block is one sendall and a few Python calls: at 128 KiB that
+# is 8,000 round trips per GB, which measured 0.2 s/GB more kernel time and
+# 0.15 s/GB more user time than 8 MiB blocks. Our bodies return views of
+# staged memory, so a larger block costs no memory.
+_SEND_BLOCK_SIZE = 8 << 20
+
+
+def _widen_send_blocks(client: Any) -> None:
+    """Make the client's connection pools send request bodies in large blocks.
+
+    botocore has no public option for it; its pool manager's keyword
+    arguments (public urllib3 API) reach every connection pool it creates. If a
+    future botocore moves them, the client keeps botocore's block size: slower,
+    still correct.
+    """
+    manager = getattr(getattr(getattr(client, "_endpoint", None), "http_session", None), "_manager", None)
+    pool_kw = getattr(manager, "connection_pool_kw", None)
+    if isinstance(pool_kw, dict) and "blocksize" in pool_kw:
+        pool_kw["blocksize"] = _SEND_BLOCK_SIZE
+
+
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
 _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -220,6 +242,7 @@ class S3Store(ObjectStore):
                 config = config.merge(user_config)
             with _SESSIONS_LOCK:  # boto3 sessions are not safe to use from several threads at once
                 client = _session(profile).client("s3", endpoint_url=self.endpoint_url, config=config, **opts)
+            _widen_send_blocks(client)
             # boto3 clients are thread-safe: one per process shares one connection pool.
             self._client = (os.getpid(), client)
             return client

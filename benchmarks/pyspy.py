@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -83,7 +84,7 @@ def profile_main(args: argparse.Namespace) -> dict[str, Any]:
             return proc
 
         def on_done(proc: subprocess.Popen[bytes]) -> None:
-            proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output and exits
             _, err = proc.communicate(timeout=60)
             if not os.path.exists(raw):
                 raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')[-500:]}")

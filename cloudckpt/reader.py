@@ -39,7 +39,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.safe_pickle import load_metadata
 from cloudckpt.store import ObjectStore, open_store
-from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges
+from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges, default_world_size
 from cloudckpt.uri import StorageURI, parse_uri
 from cloudckpt.verify import check_metadata_bytes, open_manifest
 
@@ -216,7 +216,8 @@ class CloudStorageReader(StorageReader):
     def _read(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         assert self.metadata is not None and self.uri is not None
         storage_data = self.metadata.storage_data
-        engine = TransferEngine(self.store, self.transfer_options)
+        # The world size sets this rank's share of the read rate (see plan_read_pacing).
+        engine = TransferEngine(self.store, self.transfer_options, world_size=default_world_size())
         direct: list[tuple[str, int, memoryview]] = []
         direct_done: list[tuple[ReadItem, torch.Tensor, Any, int | None]] = []
         ranged: dict[str, list[tuple[int, int, ReadItem, Any]]] = defaultdict(list)

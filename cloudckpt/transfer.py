@@ -41,12 +41,15 @@ __all__ = [
     "abort_incomplete_uploads",
     "TransferOptions",
     "default_max_concurrency",
+    "default_world_size",
     "ObjectUpload",
     "UploadedObject",
     "TransferEngine",
     "plan_part_size",
     "coalesce_ranges",
     "DEFAULT_REQUEST_RATE",
+    "DEFAULT_READ_RATE",
+    "plan_read_pacing",
     "UploadPacing",
     "plan_pacing",
     "count_requests",
@@ -79,6 +82,13 @@ def default_max_concurrency() -> int:
     return max(4, min(MAX_DEFAULT_CONCURRENCY, 2 * cpus))
 
 
+def default_world_size() -> int:
+    """Ranks of the default process group (1 without one): whose share of a rate cap a rank gets."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @dataclass(frozen=True)
 class TransferOptions:
     """Tuning knobs of the transfer engine (defaults chosen by ``benchmarks/``)."""
@@ -107,6 +117,10 @@ class TransferOptions:
     #: gets an equal share. None: the store's default (DEFAULT_REQUEST_RATE: S3 3,000,
     #: GCS 800, local unlimited); math.inf: no cap. See docs/scale.md.
     request_rate_limit: float | None = None
+    #: Ranged GETs/s that all ranks of one load together may send; each rank gets an
+    #: equal share. None: the store's default (DEFAULT_READ_RATE: S3 4,500, GCS 4,000,
+    #: local unlimited); math.inf: no cap. See docs/scale.md.
+    read_rate_limit: float | None = None
     #: Most write requests one rank sends per save; above it the part size grows. None:
     #: REQUEST_TIME_TARGET (5) seconds of the rank's share of request_rate_limit.
     max_requests_per_rank: int | None = None
@@ -130,6 +144,8 @@ class TransferOptions:
             raise ValueError(f"cleanup_timeout must be >= 0, got {self.cleanup_timeout}")
         if self.request_rate_limit is not None and not self.request_rate_limit > 0:
             raise ValueError(f"request_rate_limit must be positive, math.inf or None, got {self.request_rate_limit}")
+        if self.read_rate_limit is not None and not self.read_rate_limit > 0:
+            raise ValueError(f"read_rate_limit must be positive, math.inf or None, got {self.read_rate_limit}")
         if self.max_requests_per_rank is not None and self.max_requests_per_rank < 1:
             raise ValueError(f"max_requests_per_rank must be >= 1 or None, got {self.max_requests_per_rank}")
         if self.ramp_seconds is not None and not self.ramp_seconds >= 0:
@@ -314,11 +330,14 @@ class TransferEngine:
         self.world_size = world_size
         #: How the latest upload was paced (see plan_pacing).
         self.pacing = UploadPacing()
+        #: How this engine's downloads are paced (see plan_read_pacing); set at the first download.
+        self.read_pacing: UploadPacing | None = None
+        # One limiter for every download of this engine (a load makes several batches),
+        # so the rank's share of the read rate holds across them.
+        self._read_limits: tuple[RetryStats, AdaptiveLimiter | None] | None = None
 
-    def _scope(self, failure: _Failure, deadline: float | None, pacing: UploadPacing | None = None) -> RetryScope:
+    def _limiter(self, stats: RetryStats, pacing: UploadPacing | None) -> AdaptiveLimiter | None:
         opts = self.options
-        stats = RetryStats()
-        self.stats = stats
         limiter = None
         if opts.adaptive_concurrency:
             limiter = AdaptiveLimiter(opts.max_concurrency, min_limit=min(opts.min_concurrency, opts.max_concurrency),
@@ -328,7 +347,21 @@ class TransferEngine:
             limiter = PacedLimiter(opts.max_concurrency, min_limit=min(opts.min_concurrency, opts.max_concurrency),
                                    stats=stats, adaptive=opts.adaptive_concurrency, rate=pacing.rate_per_rank,
                                    ramp_seconds=pacing.ramp_seconds)
-        return RetryScope(deadline=deadline, cancel=failure.event, limiter=limiter, stats=stats)
+        return limiter
+
+    def _scope(self, failure: _Failure, deadline: float | None, pacing: UploadPacing | None = None) -> RetryScope:
+        stats = RetryStats()
+        self.stats = stats
+        return RetryScope(deadline=deadline, cancel=failure.event, limiter=self._limiter(stats, pacing), stats=stats)
+
+    def _read_scope(self, failure: _Failure) -> RetryScope:
+        if self._read_limits is None:
+            self.read_pacing = plan_read_pacing(self.options, self.store.scheme, self.world_size)
+            stats = RetryStats()
+            self._read_limits = (stats, self._limiter(stats, self.read_pacing))
+        stats, limiter = self._read_limits
+        self.stats = stats
+        return RetryScope(deadline=None, cancel=failure.event, limiter=limiter, stats=stats)
 
     # -- uploads --------------------------------------------------------------
     def upload(
@@ -540,7 +573,7 @@ class TransferEngine:
         if not reads:
             return
         failure = _Failure()
-        scope = self._scope(failure, None)
+        scope = self._read_scope(failure)
 
         def one(key: str, start: int, out: memoryview) -> None:
             if failure.is_set():
@@ -637,6 +670,11 @@ def coalesce_ranges(
 #: is not documented, so every request is counted). Local disks have no such limit.
 DEFAULT_REQUEST_RATE: dict[str, float] = {"s3": 3000.0, "gs": 800.0}
 
+#: Default ``read_rate_limit`` by store scheme: ranged GETs/s that all ranks of one
+#: load together may send. S3: 5,500 GET/s per partitioned prefix; GCS: a new
+#: bucket's ~5,000 object reads/s; each less a margin for other traffic and retries.
+DEFAULT_READ_RATE: dict[str, float] = {"s3": 4500.0, "gs": 4000.0}
+
 #: Seconds of requests, at a rank's share of ``request_rate_limit``, that the
 #: derived request budget allows: beyond that, larger parts are cheaper than waiting.
 REQUEST_TIME_TARGET = 5.0
@@ -701,6 +739,25 @@ def plan_pacing(options: TransferOptions, scheme: str, world_size: int) -> Uploa
             seconds = min(seconds, options.save_deadline / 4)
         budget = max(1, int(rate * seconds))
     return UploadPacing(world_size=world, rate_per_rank=rate, ramp_seconds=ramp, max_requests=budget)
+
+
+def plan_read_pacing(options: TransferOptions, scheme: str, world_size: int) -> UploadPacing:
+    """Per-rank pacing for a load of ``world_size`` ranks from a ``scheme`` store (pure).
+
+    The rate is ``read_rate_limit`` (or :data:`DEFAULT_READ_RATE`) divided by the
+    world size, the ramp as for uploads (``ramp_seconds`` or ``world ×
+    max_concurrency / rate``, at most :data:`MAX_RAMP_SECONDS`). There is no
+    request budget: reads are already coalesced up to ``max_read_size``.
+    """
+    world = max(1, int(world_size))
+    total = options.read_rate_limit
+    if total is None:
+        total = DEFAULT_READ_RATE.get(scheme, math.inf)
+    if math.isinf(total):
+        return UploadPacing(world_size=world, ramp_seconds=options.ramp_seconds or 0.0)
+    ramp = options.ramp_seconds if options.ramp_seconds is not None else min(
+        MAX_RAMP_SECONDS, world * options.max_concurrency / total)
+    return UploadPacing(world_size=world, rate_per_rank=total / world, ramp_seconds=ramp)
 
 
 def count_requests(sizes: Sequence[int], part_size: int, store: ObjectStore) -> int:

@@ -38,7 +38,7 @@ from torch.futures import Future
 from cloudckpt import __version__, layout, retry
 from cloudckpt.errors import CheckpointExistsError, InvalidURIError, PreconditionFailedError
 from cloudckpt.store import ObjectStore, open_store
-from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions
+from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions, default_world_size
 from cloudckpt.uri import StorageURI, parse_uri
 
 __all__ = ["CloudStorageWriter", "S3StorageWriter", "GCSStorageWriter", "LocalStorageWriter", "ItemWriteInfo",
@@ -88,12 +88,6 @@ class _CloudStoragePrefix(_StoragePrefix):
     """``_StoragePrefix`` plus the world size, which sets each rank's share of the request rate."""
 
     world_size: int = 1
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +246,7 @@ class CloudStorageWriter(StorageWriter):
         # dataclasses.replace keeps plan-caching's usable=False plans intact.
         # Without collectives each rank plans alone: its own rank names its objects.
         alone = len(plans) == 1 and not self.use_collectives
-        world = _world_size() if alone else len(plans)
+        world = default_world_size() if alone else len(plans)
         return [dataclasses.replace(p, storage_data=_CloudStoragePrefix(
             rank_prefix((self.rank or 0) if alone else i, self.prefix_strategy), world_size=world))
             for i, p in enumerate(plans)]
@@ -289,7 +283,7 @@ class CloudStorageWriter(StorageWriter):
                 segments.extend(fi.segments)
                 offset += fi.size
             uploads.append(ObjectUpload(uri.key(name), segments, offset))
-        world = getattr(plan.storage_data, "world_size", None) or _world_size()
+        world = getattr(plan.storage_data, "world_size", None) or default_world_size()
         engine = TransferEngine(self.store, self.transfer_options, world_size=world)
         try:
             done = {u.key: u for u in engine.upload(uploads, deadline=self._save_deadline())}

@@ -20,6 +20,7 @@ import cloudckpt
 from benchmarks import ratemodel
 from cloudckpt.retry import RetryPolicy
 from cloudckpt.transfer import (
+    DEFAULT_READ_RATE,
     DEFAULT_REQUEST_RATE,
     PacedLimiter,
     TransferEngine,
@@ -28,6 +29,7 @@ from cloudckpt.transfer import (
     count_requests,
     plan_budget_part_size,
     plan_pacing,
+    plan_read_pacing,
 )
 from cloudckpt.writer import rank_prefix
 from tests import workers
@@ -177,6 +179,47 @@ def test_engine_grows_parts_to_fit_the_request_budget(tmp_path):
     assert engine.pacing.world_size == 4 and engine.pacing.rate_per_rank is None  # local: no rate cap
     assert done.size == 12 * MiB
     assert (tmp_path / "obj").read_bytes() == data.numpy().tobytes()
+
+
+def test_read_pacing_defaults_follow_world_size_and_backend():
+    opts = TransferOptions(max_concurrency=16)
+    big = plan_read_pacing(opts, "s3", 8192)
+    assert big.rate_per_rank == pytest.approx(DEFAULT_READ_RATE["s3"] / 8192)
+    assert big.ramp_seconds == 2.0 and big.max_requests is None
+    assert plan_read_pacing(opts, "gs", 8192).rate_per_rank == pytest.approx(DEFAULT_READ_RATE["gs"] / 8192)
+    small = plan_read_pacing(opts, "s3", 8)
+    assert small.rate_per_rank == pytest.approx(562.5) and small.ramp_seconds == pytest.approx(8 * 16 / 4500)
+    assert not plan_read_pacing(opts, "file", 64).active
+    assert not plan_read_pacing(TransferOptions(read_rate_limit=math.inf), "s3", 8192).active
+    explicit = plan_read_pacing(TransferOptions(read_rate_limit=100.0, ramp_seconds=0.0), "gs", 4)
+    assert (explicit.rate_per_rank, explicit.ramp_seconds) == (25.0, 0.0)
+    with pytest.raises(ValueError):
+        TransferOptions(read_rate_limit=0)
+
+
+def test_downloads_keep_one_rate_schedule_across_batches(cloud_backend):
+    # A load fetches in several batches; the rank's share of the read rate must hold
+    # across them, not restart with each batch. Lower bound only: a slow machine
+    # can only make the reads further apart.
+    store = cloud_backend.store()
+    data = torch.arange(4096, dtype=torch.int32)
+    TransferEngine(store, TransferOptions()).upload([ObjectUpload("paced/obj", [memoryview(data.numpy()).cast("B")])])
+    raw = data.numpy().tobytes()
+    rate, world, reads = 40.0, 2, 10
+    engine = TransferEngine(store, TransferOptions(read_rate_limit=rate, ramp_seconds=0.0), world_size=world)
+    t0 = time.monotonic()
+    for i in range(reads):
+        out = bytearray(16)
+        engine.download_ranges([("paced/obj", 16 * i, memoryview(out))])
+        assert bytes(out) == raw[16 * i:16 * i + 16]
+    elapsed = time.monotonic() - t0
+    assert engine.read_pacing is not None and engine.read_pacing.rate_per_rank == rate / world
+    assert engine.stats.as_dict()["attempts"] == reads
+    # The 10th read cannot start before 9 slots of 1/20 s have passed.
+    assert elapsed >= (reads - 1) / (rate / world) - 1e-3
+    unpaced = TransferEngine(store, TransferOptions(read_rate_limit=math.inf))
+    unpaced.download_ranges([("paced/obj", 0, memoryview(bytearray(16)))])
+    assert unpaced.read_pacing is not None and not unpaced.read_pacing.active
 
 
 # -- the request-rate model (pure) -------------------------------------------------------------------

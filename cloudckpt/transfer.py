@@ -708,6 +708,18 @@ class UploadPacing:
         return self.rate_per_rank is not None or self.ramp_seconds > 0
 
 
+def _rate_and_ramp(options: TransferOptions, limit: float | None, defaults: dict[str, float], scheme: str,
+                   world: int) -> tuple[float | None, float]:
+    """A rank's share of ``limit`` (or the scheme's default; None if unlimited) and its ramp."""
+    total = defaults.get(scheme, math.inf) if limit is None else limit
+    rate = None if math.isinf(total) else total / world
+    if options.ramp_seconds is not None:
+        return rate, options.ramp_seconds
+    if rate is None:
+        return rate, 0.0
+    return rate, min(MAX_RAMP_SECONDS, world * options.max_concurrency / total)
+
+
 def plan_pacing(options: TransferOptions, scheme: str, world_size: int) -> UploadPacing:
     """Per-rank pacing for a save of ``world_size`` ranks to a ``scheme`` store (pure).
 
@@ -722,16 +734,7 @@ def plan_pacing(options: TransferOptions, scheme: str, world_size: int) -> Uploa
       its deadline.
     """
     world = max(1, int(world_size))
-    total = options.request_rate_limit
-    if total is None:
-        total = DEFAULT_REQUEST_RATE.get(scheme, math.inf)
-    rate = None if math.isinf(total) else total / world
-    if options.ramp_seconds is not None:
-        ramp = options.ramp_seconds
-    elif rate is None:
-        ramp = 0.0
-    else:
-        ramp = min(MAX_RAMP_SECONDS, world * options.max_concurrency / total)
+    rate, ramp = _rate_and_ramp(options, options.request_rate_limit, DEFAULT_REQUEST_RATE, scheme, world)
     budget = options.max_requests_per_rank
     if budget is None and rate is not None:
         seconds = REQUEST_TIME_TARGET
@@ -750,14 +753,8 @@ def plan_read_pacing(options: TransferOptions, scheme: str, world_size: int) -> 
     request budget: reads are already coalesced up to ``max_read_size``.
     """
     world = max(1, int(world_size))
-    total = options.read_rate_limit
-    if total is None:
-        total = DEFAULT_READ_RATE.get(scheme, math.inf)
-    if math.isinf(total):
-        return UploadPacing(world_size=world, ramp_seconds=options.ramp_seconds or 0.0)
-    ramp = options.ramp_seconds if options.ramp_seconds is not None else min(
-        MAX_RAMP_SECONDS, world * options.max_concurrency / total)
-    return UploadPacing(world_size=world, rate_per_rank=total / world, ramp_seconds=ramp)
+    rate, ramp = _rate_and_ramp(options, options.read_rate_limit, DEFAULT_READ_RATE, scheme, world)
+    return UploadPacing(world_size=world, rate_per_rank=rate, ramp_seconds=ramp)
 
 
 def count_requests(sizes: Sequence[int], part_size: int, store: ObjectStore) -> int:

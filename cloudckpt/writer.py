@@ -132,6 +132,8 @@ class CloudStorageWriter(StorageWriter):
         self.last_pacing: Any = None
         #: Retry/AIMD counters of this rank's latest upload (RetryStats.as_dict()).
         self.last_transfer_stats: dict[str, Any] | None = None
+        # Set by set_up_storage_writer, which DCP calls first in every save.
+        self._save_started: float | None = None
         opts = transfer_options or TransferOptions()
         overrides = {k: v for k, v in (("part_size", part_size), ("max_concurrency", max_concurrency),
                                        ("target_object_size", target_object_size)) if v is not None}
@@ -221,7 +223,7 @@ class CloudStorageWriter(StorageWriter):
     def _save_deadline(self) -> float | None:
         """The ``time.monotonic()`` instant this save must end by (None: no deadline)."""
         limit = self.transfer_options.save_deadline
-        started = getattr(self, "_save_started", None)
+        started = self._save_started
         return None if limit is None or started is None else started + limit
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:

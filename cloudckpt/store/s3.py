@@ -55,12 +55,6 @@ class _Truncated(Exception):
     """A response body ended before its Content-Length: a broken transfer, retried."""
 
 
-# One boto3 session per (process, profile). Building a session loads botocore's
-# service models from disk (~0.3 s of CPU); a job that saves every few minutes
-# would otherwise pay that on every rank for every save and load. Sessions hold
-# no per-store state: clients, with their own config, are still one per store.
-# The credential-related environment is part of the key, so a process that
-# changes its credentials gets a fresh session rather than stale ones.
 # urllib3 sends a file-like body in read() blocks of this size (botocore sets
 # 128 KiB). Each block is one sendall and a few Python calls: at 128 KiB that
 # is 8,000 round trips per GB, which measured 0.2 s/GB more kernel time and
@@ -83,6 +77,12 @@ def _widen_send_blocks(client: Any) -> None:
         pool_kw["blocksize"] = _SEND_BLOCK_SIZE
 
 
+# One boto3 session per (process, profile). Building a session loads botocore's
+# service models from disk (~0.3 s of CPU); a job that saves every few minutes
+# would otherwise pay that on every rank for every save and load. Sessions hold
+# no per-store state: clients, with their own config, are still one per store.
+# The credential-related environment is part of the key, so a process that
+# changes its credentials gets a fresh session rather than stale ones.
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
 _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",

@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cloudckpt.testing.fast_s3 import FastS3Server  # noqa: E402
+from cloudckpt_testing.fast_s3 import FastS3Server  # noqa: E402
 
 
 def _raw(server: FastS3Server, data: bytes, out: memoryview, runs: int) -> None:

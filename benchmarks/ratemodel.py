@@ -55,7 +55,7 @@ from cloudckpt.transfer import (
     plan_budget_part_size,
     plan_pacing,
 )
-from cloudckpt.writer import rank_prefix
+from cloudckpt.layout import rank_prefix
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -64,7 +64,7 @@ GiB = 1 << 30
 S3_WRITES_PER_PARTITION = 3500.0
 GCS_WRITES_PER_BUCKET_INITIAL = 1000.0
 
-#: Per-request client costs measured with ``--measure`` against cloudckpt.testing.fast_s3 on the
+#: Per-request client costs measured with ``--measure`` against cloudckpt_testing.fast_s3 on the
 #: development machine (2 shared cores, loopback; median of 3 runs, see docs/scale.md). CPU is
 #: this process's CPU, user + system (boto3 signing and HTTP, cloudckpt's CRC32C, the kernel's
 #: loopback send); wall is one request at a time.
@@ -344,8 +344,8 @@ def measure_request_costs(n_small: int = 300, n_large: int = 24, large: int = 8 
 
     from cloudckpt import crc
     from cloudckpt.store import open_store
-    from cloudckpt.testing.fast_s3 import FastS3Server
-    from cloudckpt.testing.s3 import TEST_CREDENTIALS
+    from cloudckpt_testing.fast_s3 import FastS3Server
+    from cloudckpt_testing.s3 import TEST_CREDENTIALS
 
     os.environ.update(TEST_CREDENTIALS)
     with FastS3Server() as server:

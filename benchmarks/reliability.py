@@ -4,9 +4,9 @@
     python -m benchmarks.reliability --trials 3 --backends s3 --faults 503,stall
 
 Servers (moto's S3 server, cloudckpt's GCS emulator) run on 127.0.0.1 and a
-:class:`~cloudckpt.testing.faultproxy.FaultProxy` sits between them and
+:class:`~cloudckpt_testing.faultproxy.FaultProxy` sits between them and
 cloudckpt. Every verdict is taken from the bucket itself, after the fact (see
-:mod:`cloudckpt.testing.reliability`):
+:mod:`cloudckpt_testing.reliability`):
 
 * fault trials: per backend and fault kind, ``--trials`` saves + loads with
   ``--rate`` of all requests faulted (and one guaranteed fault per trial);
@@ -50,7 +50,7 @@ def _pct(values: list[float], q: float) -> float:
 def run_fault_trials(targets: dict[str, Any], kinds: list[str], trials: int, rate: float, deadline: float,
                      seed: int, log: Any) -> list[Any]:
     """Every (backend, fault kind) pair, ``trials`` times."""
-    from cloudckpt.testing.reliability import run_fault_trial
+    from cloudckpt_testing.reliability import run_fault_trial
 
     results = []
     for name, target in targets.items():
@@ -67,7 +67,7 @@ def run_fault_trials(targets: dict[str, Any], kinds: list[str], trials: int, rat
 def run_kill_trials(targets: dict[str, Any], trials: int, log: Any) -> list[dict[str, Any]]:
     """2-rank worlds where rank 1 dies mid-upload of step 2."""
     from cloudckpt.manager import CheckpointManager, committed_steps, step_name
-    from cloudckpt.testing.faultproxy import FaultProxy, FaultRule
+    from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
     from cloudckpt.uri import parse_uri
     from tests import workers
     from tests.dist import run_world_with_deaths
@@ -106,7 +106,7 @@ def run_kill_trials(targets: dict[str, Any], trials: int, log: Any) -> list[dict
 
 def run_corruption_trials(targets: dict[str, Any], trials: int, seed: int, log: Any) -> list[Any]:
     """Flip one byte of one object per trial."""
-    from cloudckpt.testing.reliability import run_corruption_trial
+    from cloudckpt_testing.reliability import run_corruption_trial
 
     out = []
     for name, target in targets.items():
@@ -170,7 +170,7 @@ def corruption_table(results: list[Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cloudckpt.testing.reliability import TRIAL_FAULTS
+    from cloudckpt_testing.reliability import TRIAL_FAULTS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=10, help="fault trials per backend and fault kind, and "
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write every trial's record to this file")
     args = p.parse_args(argv)
     _quiet()
-    from cloudckpt.testing.gcs_emulator import GCSEmulator
-    from cloudckpt.testing.reliability import Target
-    from cloudckpt.testing.s3 import TEST_CREDENTIALS, MotoS3Server
+    from cloudckpt_testing.gcs_emulator import GCSEmulator
+    from cloudckpt_testing.reliability import Target
+    from cloudckpt_testing.s3 import TEST_CREDENTIALS, MotoS3Server
 
     os.environ.update(TEST_CREDENTIALS)
     backends = [b for b in args.backends.split(",") if b]

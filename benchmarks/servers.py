@@ -1,9 +1,9 @@
 """The local servers the benchmarks talk to, each in its own process on 127.0.0.1.
 
-* ``fast``: :class:`cloudckpt.testing.fast_s3.FastS3Server`, the throughput target;
-* ``moto``: :class:`cloudckpt.testing.s3.MotoS3Server` (CRT-compatible), an
+* ``fast``: :class:`cloudckpt_testing.fast_s3.FastS3Server`, the throughput target;
+* ``moto``: :class:`cloudckpt_testing.s3.MotoS3Server` (CRT-compatible), an
   optional second S3 target (slow: 7 to 20 server CPU s/GB);
-* ``gcs``: :class:`cloudckpt.testing.gcs_emulator.GCSEmulator`, started by this
+* ``gcs``: :class:`cloudckpt_testing.gcs_emulator.GCSEmulator`, started by this
   module's ``__main__`` in a child process with a small side channel that
   serves its request counts and resets it.
 
@@ -78,13 +78,13 @@ class Server:
         """Start the server process and create the bucket."""
         os.environ.update(CREDENTIALS)
         if self.kind == "fast":
-            from cloudckpt.testing.fast_s3 import FastS3Server
+            from cloudckpt_testing.fast_s3 import FastS3Server
 
             self._impl = FastS3Server(prefault_bytes=self.prefault_bytes).start()
             pid = _get_json(self._impl.endpoint_url + "/__stats__")["pid"]
             self.info = {"kind": "fast", "endpoint": self._impl.endpoint_url, "pid": pid}
         elif self.kind == "moto":
-            from cloudckpt.testing.s3 import MotoS3Server
+            from cloudckpt_testing.s3 import MotoS3Server
 
             self._impl = MotoS3Server(crt_compatible=True).start()
             self.info = {"kind": "moto", "endpoint": self._impl.endpoint_url, "pid": self._impl._proc.pid}
@@ -103,11 +103,11 @@ class Server:
 
     def _make_bucket(self) -> None:
         if self.kind == "gcs":
-            from cloudckpt.testing.gcs_emulator import gcs_client
+            from cloudckpt_testing.gcs_emulator import gcs_client
 
             gcs_client(self.info["endpoint"]).create_bucket(BUCKET)
         else:
-            from cloudckpt.testing.s3 import s3_client
+            from cloudckpt_testing.s3 import s3_client
 
             s3_client(self.info["endpoint"]).create_bucket(Bucket=BUCKET)
 
@@ -144,7 +144,7 @@ class Server:
 
 def _serve_gcs() -> None:
     """Child: GCS emulator plus a side channel (GET /counts, POST /reset); exits when stdin closes."""
-    from cloudckpt.testing.gcs_emulator import GCSEmulator
+    from cloudckpt_testing.gcs_emulator import GCSEmulator
 
     emu = GCSEmulator().start()
 

@@ -6,8 +6,8 @@
 
 A gloo world of ``--ranks`` processes on this machine saves ``--mib-per-rank``
 MiB per rank (5 MiB parts) to the fast in-memory S3 server
-(:mod:`cloudckpt.testing.fast_s3`) through the fault-injecting proxy
-(:mod:`cloudckpt.testing.faultproxy`) in its throttling mode: one token bucket
+(:mod:`cloudckpt_testing.fast_s3`) through the fault-injecting proxy
+(:mod:`cloudckpt_testing.faultproxy`) in its throttling mode: one token bucket
 per key prefix refilling at ``--rps`` writes/s (burst: one second's worth);
 a write that finds the bucket empty gets ``503 SlowDown``, as S3 answers when a
 prefix's request rate outgrows its partition. That is S3's 3,500 writes/s per
@@ -143,9 +143,9 @@ def _rank_main(rank: int, world: int, init_file: str, endpoint: str, plan: list,
 def run(ranks: int, rps: float, mib: int, selected: Sequence[Case] | None = None,
         timeout: float = 1800.0) -> dict[str, Any]:
     """Run every case; return the environment and one row per case."""
-    from cloudckpt.testing.fast_s3 import FastS3Server
-    from cloudckpt.testing.faultproxy import FaultProxy, ThrottleRule
-    from cloudckpt.testing.s3 import TEST_CREDENTIALS, s3_client
+    from cloudckpt_testing.fast_s3 import FastS3Server
+    from cloudckpt_testing.faultproxy import FaultProxy, ThrottleRule
+    from cloudckpt_testing.s3 import TEST_CREDENTIALS, s3_client
 
     os.environ.update(TEST_CREDENTIALS)
     todo = list(selected or cases(ranks))

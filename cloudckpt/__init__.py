@@ -7,9 +7,9 @@ Quick use::
     cloudckpt.load(state_dict, "s3://bucket/run/step-100")
 """
 
-__version__ = "0.1.0"
+from cloudckpt._version import __version__
 
-from cloudckpt.api import load, save, storage_reader, storage_writer  # noqa: E402
+from cloudckpt.api import AsyncSaveResponse, async_save, load, save, storage_reader, storage_writer  # noqa: E402
 from cloudckpt.errors import (  # noqa: E402
     AccessDeniedError,
     BucketNotFoundError,
@@ -33,12 +33,7 @@ from cloudckpt.reader import (  # noqa: E402
     S3StorageReader,
 )
 from cloudckpt.manager import CheckpointManager  # noqa: E402
-from cloudckpt.executors import (  # noqa: E402
-    AsyncSaveResponse,
-    ProcessCheckpointExecutor,
-    ThreadCheckpointExecutor,
-    async_save,
-)
+from cloudckpt.executors import ProcessCheckpointExecutor, ThreadCheckpointExecutor  # noqa: E402
 from cloudckpt.staging import Stager  # noqa: E402
 from cloudckpt.transfer import TransferOptions  # noqa: E402
 from cloudckpt.uri import StorageURI, parse_uri  # noqa: E402

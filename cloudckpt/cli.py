@@ -58,8 +58,6 @@ EXIT_CODES = {
 }
 
 MiB = 1024 * 1024
-# Data objects: stock names, or with the spreading tag of prefix_strategy in front (writer.rank_prefix).
-_DATA_RE = re.compile(r"^(?:[0-9a-f]+-)?__(\d+)_(\d+)\.distcp$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -235,8 +233,7 @@ def _open(args: argparse.Namespace, uri_text: str) -> tuple[Any, Any]:
 def _is_dcp_name(name: str) -> bool:
     from cloudckpt import layout
 
-    return (name in (layout.METADATA_NAME, layout.MANIFEST_NAME) or name.endswith(layout.DATA_SUFFIX)
-            or name.endswith(layout.METADATA_NAME))
+    return layout.is_checkpoint_object_name(name)
 
 
 def _top_level(store: Any, uri: Any) -> tuple[dict[str, Any], list[Any]]:
@@ -290,16 +287,19 @@ def _load_metadata(store: Any, uri: Any) -> Any:
 
 
 def _load_manifest(store: Any, uri: Any) -> dict[str, Any] | None:
+    """The checkpoint's manifest document (None if it has none, or none matches its ``.metadata``)."""
     from cloudckpt import layout
-    from cloudckpt.errors import ObjectNotFoundError
+    from cloudckpt.errors import CloudCheckpointError
+    from cloudckpt.manifest import find_manifest
+    from cloudckpt.safe_pickle import MAX_METADATA_BYTES
 
     try:
-        doc = json.loads(store.get(uri.key(layout.MANIFEST_NAME)))
-    except ObjectNotFoundError:
+        found = find_manifest(store, uri, store.get(uri.key(layout.METADATA_NAME), max_size=MAX_METADATA_BYTES))
+    except CloudCheckpointError:
         return None
-    except ValueError:
+    if found is None:
         return None
-    return doc if isinstance(doc, dict) else None
+    return dict(found.doc, objects={n: {"size": o.size, "crc32c": o.crc32c} for n, o in found.objects.items()})
 
 
 # -- ls -------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def cmd_ls(args: argparse.Namespace, out: _Out) -> int:
     """List the checkpoints under a root, or the objects of one checkpoint."""
     from cloudckpt import layout
     from cloudckpt.errors import CheckpointNotFoundError
-    from cloudckpt.manager import parse_step_name
+    from cloudckpt.layout import parse_step_name
 
     uri, store = _open(args, args.uri)
     top, everything = _top_level(store, uri)
@@ -382,7 +382,7 @@ def cmd_info(args: argparse.Namespace, out: _Out) -> int:
     metadata = _load_metadata(store, uri)
     manifest = _load_manifest(store, uri)
     top, _ = _top_level(store, uri)
-    ranks = sorted({int(m.group(1)) for n in top if (m := _DATA_RE.match(n))})
+    ranks = sorted({parsed[0] for n in top if (parsed := layout.parse_data_object_name(n)) is not None})
     byte_lengths: dict[str, int] = {}
     for idx, info in metadata.storage_data.items():
         byte_lengths[idx.fqn] = byte_lengths.get(idx.fqn, 0) + getattr(info, "length", 0)

@@ -4,7 +4,7 @@ What it does, end to end, on this machine:
 
 1. with no endpoint configured (no ``--uri``, ``--endpoint-url`` or
    ``AWS_ENDPOINT_URL``), starts the embedded S3-compatible server
-   (:class:`cloudckpt.testing.fast_s3.FastS3Server`) on 127.0.0.1 in a child
+   (:class:`cloudckpt_testing.fast_s3.FastS3Server`) on 127.0.0.1 in a child
    process, with dummy credentials, and creates a bucket;
 2. launches ``--nproc`` ranks torchrun-style (``RANK``/``WORLD_SIZE``/
    ``MASTER_ADDR``/``MASTER_PORT``, gloo, the rendezvous store hosted by this
@@ -140,10 +140,12 @@ def _launch(phase: str, nproc: int, args: list[str], workdir: str, expected: int
         del store
 
 
-def _check_phase(what: str, codes: list[int], expected: int, workdir: str, phase: str, root: Any) -> None:
-    """Raise DemoFailedError with the failing rank's log tail unless every rank exited ``expected``."""
-    from cloudckpt.errors import DemoFailedError
+class DemoError(RuntimeError):
+    """A phase of the demo failed; the message names the cause and carries the failing rank's log."""
 
+
+def _check_phase(what: str, codes: list[int], expected: int, workdir: str, phase: str, root: Any) -> None:
+    """Raise DemoError with the failing rank's log tail unless every rank exited ``expected``."""
     bad = [r for r, c in enumerate(codes) if c != expected]
     if not bad:
         return
@@ -151,7 +153,7 @@ def _check_phase(what: str, codes: list[int], expected: int, workdir: str, phase
     rank = next((r for r in bad if codes[r] != -9), bad[0])
     how = "was killed (timed out or stopped after another rank failed)" if codes[rank] == -9 else \
         f"exited with status {codes[rank]}"
-    raise DemoFailedError(
+    raise DemoError(
         f"demo {what} rank {rank} {how} while checkpointing to {root}; its log ends with:\n"
         f"{_tail(os.path.join(workdir, f'{phase}-rank{rank}.log'))}\n"
         f"Check that {root} is reachable from this machine (`cloudckpt ls {root}`), or run `cloudckpt demo` "
@@ -214,7 +216,7 @@ def run(
 
     ``uri`` (``s3://...``, ``gs://...`` or a local path) or ``endpoint_url`` /
     ``AWS_ENDPOINT_URL`` select real storage instead of the embedded server.
-    Raises DemoFailedError if a phase fails; the summary's ``verified`` says
+    Raises DemoError if a phase fails; the summary's ``verified`` says
     whether the restored state matched.
     """
     if steps < 1 or every < 1 or every > steps:
@@ -234,7 +236,7 @@ def run(
     try:
         if mode == "embedded":
             _require_embedded_server_packages()
-            from cloudckpt.testing.fast_s3 import FastS3Server
+            from cloudckpt_testing.fast_s3 import FastS3Server
 
             log("starting the embedded S3-compatible server on 127.0.0.1 ...")
             server = FastS3Server(host="127.0.0.1", port=0).start()

@@ -7,6 +7,9 @@ whole family with one ``except``.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Iterator
+
 
 class CloudCheckpointError(Exception):
     """Base class of every error raised by cloudckpt."""
@@ -60,6 +63,10 @@ class UnsupportedTensorError(CloudCheckpointError, TypeError):
     """A tensor reached the writer on a device it cannot serialise (CUDA, meta, ...)."""
 
 
+class ObjectTooLargeError(IntegrityError):
+    """An object is larger than cloudckpt reads for its kind (``.metadata``, a manifest); it is refused unread."""
+
+
 class UnsafeMetadataError(CloudCheckpointError):
     """A ``.metadata`` object tried to unpickle something outside the DCP allow-list."""
 
@@ -84,5 +91,28 @@ class UnpicklableWriterError(CloudCheckpointError, TypeError):
     """A writer or planner cannot be sent to the checkpoint process because it holds live state (a client)."""
 
 
-class DemoFailedError(CloudCheckpointError):
-    """A phase of ``cloudckpt demo`` failed; the message carries the failing rank's log."""
+@contextlib.contextmanager
+def typed_errors(reader: Any = None) -> Iterator[None]:
+    """Re-raise a DCP ``CheckpointException`` as the cloudckpt error that caused it.
+
+    DCP wraps every rank's failure in a ``CheckpointException`` (a BaseException).
+    When the root cause is a cloudckpt error (bad URI, existing checkpoint,
+    missing bucket...) the lowest failing rank's error is raised instead, with
+    the CheckpointException (listing every rank) chained as its cause.
+    ``reader``'s ``metadata_error`` (a :class:`~cloudckpt.reader.CloudStorageReader`)
+    is preferred: DCP turns a missing ``.metadata`` into a generic error after
+    also trying its per-rank fallback, and the reader kept the real one.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        missing = getattr(reader, "metadata_error", None)
+        if missing is not None:
+            raise missing from exc
+        for rank in sorted(exc.failures):
+            err = exc.failures[rank][0]
+            if isinstance(err, CloudCheckpointError):
+                raise err from exc
+        raise

@@ -1,4 +1,4 @@
-"""Async checkpoint executors and :func:`async_save`.
+"""Async checkpoint executors: DCP's ``_AsyncCheckpointExecutor``, reusable, thread or process.
 
 Both executors implement torch's ``_AsyncCheckpointExecutor.execute_save`` and
 fix the weaknesses of torch's own (docs/executors.md):
@@ -49,9 +49,10 @@ from cloudckpt.errors import (
     CloudCheckpointError,
     UnpicklableWriterError,
     UnsupportedTensorError,
+    typed_errors,
 )
 
-__all__ = ["ThreadCheckpointExecutor", "ProcessCheckpointExecutor", "AsyncSaveResponse", "async_save"]
+__all__ = ["ThreadCheckpointExecutor", "ProcessCheckpointExecutor"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ def _resolve(staged: Any) -> Any:
 
 def _run_save(staged: Any, kwargs: dict[str, Any]) -> Any:
     import torch.distributed.checkpoint as dcp
-
-    from cloudckpt.api import typed_errors
 
     # Same errors as cloudckpt.save: the cloudckpt error of the lowest failing
     # rank, with DCP's CheckpointException (every rank's failure) as its cause.
@@ -600,7 +599,7 @@ class ProcessCheckpointExecutor(_BaseExecutor):
         """
         self._admit()
         if storage_writer is None:
-            from cloudckpt.api import storage_writer as writer_for
+            from cloudckpt.writer import writer_for
 
             storage_writer = writer_for(checkpoint_id)
         rank, world, distributed = self._group_info(process_group, no_dist)
@@ -772,101 +771,3 @@ class ProcessCheckpointExecutor(_BaseExecutor):
         self._stop_child(kill=False, timeout=10.0 if timeout is None else max(timeout, 1.0))
         self._worker.stop(10.0)
         # The store clients stay: a save that outlived ``timeout`` still reports through them.
-
-
-# --------------------------------------------------------------------------------------
-# async_save
-# --------------------------------------------------------------------------------------
-
-
-def _stateful_to_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Shallow copy with every ``Stateful`` value replaced by its ``state_dict()``, as DCP does.
-
-    DCP's own helper logs a structured event per key (about 0.2 ms each), which
-    would be paid on the training thread at every save.
-    """
-    from torch.distributed.checkpoint.stateful import Stateful
-
-    return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
-
-
-@dataclass(frozen=True)
-class AsyncSaveResponse:
-    """Like DCP's ``AsyncSaveResponse``: ``staging_completion`` (training may go on) and
-    ``upload_completion`` (the committed checkpoint's ``Metadata``)."""
-
-    staging_completion: Future
-    upload_completion: Future
-
-
-def async_save(
-    state_dict: dict[str, Any],
-    *,
-    checkpoint_id: Any,
-    executor: _AsyncCheckpointExecutor | None = None,
-    stager: Any = None,
-    process_group: Any = None,
-    storage_writer: Any = None,
-    planner: Any = None,
-    no_dist: bool = False,
-    **writer_options: Any,
-) -> AsyncSaveResponse:
-    """Stage ``state_dict`` and upload it in the background.
-
-    Training blocks only for staging (a copy into reused CPU buffers; pinned
-    with CUDA, shared memory for the process executor). Pass a long-lived
-    ``executor`` and ``stager`` to reuse the worker and the staging buffers
-    across saves; without them both are created for this call and closed when
-    its upload ends. A save through a busy executor first waits for (or, with
-    ``on_busy="raise"``, refuses during) the previous upload, because that
-    upload still reads the staging buffers. ``writer_options`` (``overwrite=``,
-    ``endpoint_url=`` ...) configure the writer when ``storage_writer`` is None.
-    Errors are those of :func:`cloudckpt.save`, raised by ``upload_completion``.
-    """
-    from cloudckpt.api import storage_writer as writer_for
-    from cloudckpt.staging import Stager
-    from cloudckpt.uri import parse_uri
-
-    if storage_writer is not None and writer_options:
-        raise TypeError(f"writer options {sorted(writer_options)} were given together with storage_writer; "
-                        "configure the writer itself instead")
-    uri = str(parse_uri(checkpoint_id))
-    owned: list[Any] = []
-    if executor is None:
-        executor = ThreadCheckpointExecutor()
-        owned.append(executor)
-    if stager is None:
-        stager = Stager(shared_memory=getattr(executor, "needs_shared_memory", False))
-        owned.append(stager)
-    writer = storage_writer if storage_writer is not None else writer_for(uri, **writer_options)
-    staging_done: Future = Future()
-    staging_done.set_running_or_notify_cancel()
-    try:
-        admit = getattr(executor, "_admit", None)
-        if admit is not None:
-            admit()  # the previous upload is done: its staging buffers may be overwritten
-        staged = stager.stage(_stateful_to_state_dict(state_dict))  # on the caller's thread: it blocks training
-        upload = executor.execute_save(staged, checkpoint_id=uri, storage_writer=writer, planner=planner,
-                                       process_group=process_group, no_dist=no_dist)
-    except BaseException:
-        for obj in owned:
-            obj.close()
-        raise
-
-    if isinstance(staged, Future):
-        def _mirror(f: Future) -> None:
-            exc = f.exception()
-            if exc is not None:
-                staging_done.set_exception(exc)
-            else:
-                staging_done.set_result(None)
-        staged.add_done_callback(_mirror)
-    else:
-        staging_done.set_result(None)
-    if owned:
-        def _close_owned(_: Future) -> None:
-            # Not on the worker's own thread: closing joins it (and the child).
-            threading.Thread(target=lambda: [obj.close() for obj in owned], name="cloudckpt-close",
-                             daemon=True).start()
-        upload.add_done_callback(_close_owned)
-    return AsyncSaveResponse(staging_completion=staging_done, upload_completion=upload)

@@ -12,8 +12,10 @@ before a single byte is uploaded, and the payload is never copied.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -27,10 +29,20 @@ from cloudckpt.errors import UnsupportedTensorError
 
 __all__ = [
     "METADATA_NAME",
-    "MANIFEST_NAME",
+    "LEGACY_MANIFEST_NAME",
     "DATA_SUFFIX",
+    "PREFIX_STRATEGIES",
+    "check_prefix_strategy",
+    "rank_prefix",
     "data_object_name",
+    "parse_data_object_name",
     "rank_metadata_name",
+    "manifest_name",
+    "is_commit_name",
+    "is_manifest_name",
+    "is_checkpoint_object_name",
+    "step_name",
+    "parse_step_name",
     "FramedItem",
     "frame_tensor",
     "frame_bytes",
@@ -40,20 +52,125 @@ __all__ = [
     "payload_view",
 ]
 
+# -- object names -----------------------------------------------------------------------
+#
+# Every naming rule of a checkpoint lives here: the commit objects (``.metadata``,
+# ``__{rank}.metadata``), cloudckpt's manifest, data objects (stock names and the
+# save-unique names cloudckpt writes), rank prefixes and step prefixes. Everything
+# that lists, copies, cleans up or retains checkpoints recognises objects through
+# these functions, so the rules cannot drift apart.
+
 METADATA_NAME = ".metadata"
-#: cloudckpt's sidecar with per-object and per-item CRC32C; stock readers ignore it.
-MANIFEST_NAME = ".cloudckpt-manifest.json"
+#: cloudckpt < 0.2 wrote its manifest under this one name for every save.
+LEGACY_MANIFEST_NAME = ".cloudckpt-manifest.json"
+_MANIFEST_STEM = ".cloudckpt-manifest"
 DATA_SUFFIX = ".distcp"
 
+#: Named values of ``prefix_strategy`` (an int >= 2 is a round-robin fan-out).
+PREFIX_STRATEGIES = ("none", "hash")
 
-def data_object_name(rank: int, n: int) -> str:
-    """``__{rank}_{n}.distcp``, the name FileSystemWriter gives a rank's n-th data file."""
-    return f"__{rank}_{n}{DATA_SUFFIX}"
+_RANK_METADATA_RE = re.compile(r"^__(\d+)\.metadata$")
+# Stock ``__{rank}_{n}.distcp``, with the spreading tag of prefix_strategy in front
+# and cloudckpt's per-save token behind: ``3f-__12_0.9c1e4b7a2f30.distcp``.
+_DATA_RE = re.compile(r"^(?:(?P<tag>[0-9a-f]+)-)?__(?P<rank>\d+)_(?P<n>\d+)(?:\.(?P<token>[0-9a-f]{8,32}))?\.distcp$")
+_MANIFEST_RE = re.compile(r"^(?:__\d+)?\.cloudckpt-manifest(?:-[0-9a-f]{8,64})?\.json$")
+_STEP_RE = re.compile(r"^step-(\d+)$")
+#: Hex digits of a save's token in its data object names.
+TOKEN_CHARS = 12
+
+
+def check_prefix_strategy(strategy: "str | int") -> None:
+    """ValueError unless ``strategy`` is a valid ``prefix_strategy``."""
+    fan_out = isinstance(strategy, int) and not isinstance(strategy, bool) and strategy >= 2
+    if not (fan_out or (isinstance(strategy, str) and strategy in PREFIX_STRATEGIES)):
+        raise ValueError(f"prefix_strategy must be one of {PREFIX_STRATEGIES} or an int >= 2 (a fan-out), "
+                         f"got {strategy!r}")
+
+
+def rank_prefix(rank: int, strategy: "str | int" = "none") -> str:
+    """The name prefix of ``rank``'s data objects: ``__{rank}_`` behind a spreading tag.
+
+    * ``"none"``: ``__{rank}_`` (FileSystemWriter's names: ``__12_0.distcp``);
+    * ``"hash"``: two hex digits of a hash of the rank first: ``3f-__12_0.distcp``
+      (up to 256 key prefixes, no order shared with the rank);
+    * ``N`` (int >= 2): ``rank % N`` in hex first, as many digits as ``N - 1`` needs,
+      so consecutive ranks land in different prefixes and each gets ``world / N`` ranks.
+
+    The tag goes at the start of the name, not into a sub-directory: object stores
+    partition keys by leading characters whatever the delimiter, and flat names keep
+    every listing tool working unchanged.
+    """
+    check_prefix_strategy(strategy)
+    if strategy == "none":
+        return f"__{rank}_"
+    if strategy == "hash":
+        tag = hashlib.blake2b(str(rank).encode(), digest_size=1).hexdigest()
+    else:
+        tag = format(rank % int(strategy), f"0{len(format(int(strategy) - 1, 'x'))}x")
+    return f"{tag}-__{rank}_"
+
+
+def data_object_name(prefix: "str | int", n: int, token: str | None = None) -> str:
+    """The ``n``-th data object of a rank: ``{prefix}{n}[.{token}].distcp``.
+
+    ``prefix`` is a :func:`rank_prefix` (an int is taken as a rank with no
+    spreading tag). ``token`` is the save's own token: two saves of one
+    checkpoint never write an object of the same name, so a losing or failed
+    save can never change bytes a committed ``.metadata`` points at.
+    """
+    if isinstance(prefix, int):
+        prefix = rank_prefix(prefix)
+    return f"{prefix}{n}{'' if token is None else '.' + token[:TOKEN_CHARS]}{DATA_SUFFIX}"
+
+
+def parse_data_object_name(name: str) -> tuple[int, int, str | None] | None:
+    """``(rank, n, token)`` of a data object's base name, or None if it is not one."""
+    m = _DATA_RE.match(name.rsplit("/", 1)[-1])
+    return None if m is None else (int(m.group("rank")), int(m.group("n")), m.group("token"))
 
 
 def rank_metadata_name(rank: int) -> str:
     """The per-rank metadata name used when ``use_collectives=False``."""
     return f"__{rank}{METADATA_NAME}"
+
+
+def manifest_name(save_id: str | None, rank: int | None = None) -> str:
+    """cloudckpt's manifest of the save ``save_id`` (``.metadata``'s ``storage_meta.save_id``).
+
+    Each save writes its own manifest, named after its save id, so a save that
+    loses a race (or fails) never replaces the manifest of the committed one.
+    ``rank`` names a rank-local (``use_collectives=False``) manifest.
+    """
+    stem = _MANIFEST_STEM if rank is None else f"__{rank}{_MANIFEST_STEM}"
+    return f"{stem}.json" if save_id is None else f"{stem}-{save_id}.json"
+
+
+def is_commit_name(name: str) -> bool:
+    """True for a commit object: ``.metadata`` or a rank-local ``__{rank}.metadata``."""
+    return name == METADATA_NAME or _RANK_METADATA_RE.match(name) is not None
+
+
+def is_manifest_name(name: str) -> bool:
+    """True for one of cloudckpt's manifests (any save, any rank, legacy names too)."""
+    return _MANIFEST_RE.match(name) is not None
+
+
+def is_checkpoint_object_name(name: str) -> bool:
+    """True for a name DCP or cloudckpt writes directly inside a checkpoint prefix."""
+    return is_commit_name(name) or is_manifest_name(name) or _DATA_RE.match(name) is not None
+
+
+def step_name(step: int) -> str:
+    """The prefix name the manager writes checkpoint ``step`` under: ``step-{step:010d}``."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return f"step-{step:010d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """The step of a ``step-<digits>`` name (padded or not, trailing ``/`` allowed), else None."""
+    m = _STEP_RE.match(name.strip("/"))
+    return int(m.group(1)) if m else None
 
 
 @contextlib.contextmanager

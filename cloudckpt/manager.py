@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import re
 import shutil
 import threading
 import time
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from cloudckpt import layout
+from cloudckpt.layout import parse_step_name, step_name
 from cloudckpt.errors import CheckpointNotFoundError, CloudCheckpointError, InvalidURIError
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.uri import StorageURI, parse_uri
@@ -59,22 +59,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_STEP_RE = re.compile(r"^step-(\d+)$")
 #: Options only the writer takes; everything not listed here or in _READER_KEYS configures the store.
 _WRITER_KEYS = frozenset({"part_size", "max_concurrency", "overwrite", "target_object_size", "transfer_options"})
 #: Options only the reader takes.
 _READER_KEYS = frozenset({"max_concurrency", "read_gap_threshold", "transfer_options", "verify"})
-
-
-def step_name(step: int) -> str:
-    """The prefix name the manager writes checkpoint ``step`` under: ``step-{step:010d}``."""
-    return f"step-{_check_step(step):010d}"
-
-
-def parse_step_name(name: str) -> int | None:
-    """The step of a ``step-<digits>`` name (padded or not, trailing ``/`` allowed), else None."""
-    m = _STEP_RE.match(name.strip("/"))
-    return int(m.group(1)) if m else None
 
 
 def _check_step(step: Any) -> int:
@@ -237,7 +225,7 @@ class _RetainAfterCommit:
         super().finish(metadata, results)  # type: ignore[misc]
         job = self.retention
         # Without collectives every rank writes its own metadata: the manager does not retain then.
-        if job is None or self._metadata_name() != layout.METADATA_NAME:  # type: ignore[attr-defined]
+        if job is None or self.metadata_name() != layout.METADATA_NAME:  # type: ignore[attr-defined]
             return
         try:
             deleted = apply_retention(self.store, parse_uri(job.root), job.policy, protect=(job.step,))  # type: ignore[attr-defined]
@@ -266,7 +254,7 @@ _MANAGED_WRITERS = {"s3": _ManagedS3Writer, "gs": _ManagedGCSWriter, "file": _Ma
 
 def _typed(exc: BaseException) -> BaseException:
     """DCP's ``CheckpointException`` replaced by the cloudckpt error behind it, as ``cloudckpt.save`` does."""
-    from cloudckpt.api import typed_errors
+    from cloudckpt.errors import typed_errors
 
     try:
         with typed_errors():
@@ -454,7 +442,7 @@ class CheckpointManager:
         ``state_dict`` is copied into reused staging buffers; returns a handle
         whose ``upload_completion`` resolves at the commit, after retention.
         """
-        from cloudckpt.executors import async_save
+        from cloudckpt.api import async_save
 
         step = _check_step(step)
         self._check_open()

@@ -37,23 +37,13 @@ from cloudckpt.errors import (
     InvalidURIError,
     ObjectNotFoundError,
 )
-from cloudckpt.safe_pickle import load_metadata
+from cloudckpt.manifest import ItemFacts, Manifest, check_metadata_bytes, find_manifest
+from cloudckpt.safe_pickle import MAX_METADATA_BYTES, load_metadata
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges, default_world_size
 from cloudckpt.uri import StorageURI, parse_uri
-from cloudckpt.verify import check_metadata_bytes, open_manifest
 
-__all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _ItemFacts:
-    """What the manifest says about one stored item."""
-
-    length: int
-    crc32c: int
-    payload_offset: int | None
-    payload_crc32c: int | None
+__all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader", "reader_for"]
 
 
 def writable_bytes(t: torch.Tensor) -> memoryview:
@@ -89,7 +79,7 @@ class CloudStorageReader(StorageReader):
         self._store: ObjectStore | None = None
         self.uri: StorageURI | None = None
         self.metadata: Metadata | None = None
-        self._facts: dict[tuple[str, int], _ItemFacts] = {}
+        self._facts: dict[tuple[str, int], ItemFacts] = {}
         self.is_coordinator = False
         if checkpoint_id is not None:
             self.reset(checkpoint_id)
@@ -145,14 +135,14 @@ class CloudStorageReader(StorageReader):
         key = self.uri.key(name)
         try:
             try:
-                blob = self.store.get(key)
+                blob = self.store.get(key, max_size=MAX_METADATA_BYTES)
             except ObjectNotFoundError:
                 raise CheckpointNotFoundError(
                     f"no committed checkpoint at {self.uri}: {self.store.url(key)} does not exist. "
                     "The save may have failed or still be running; list checkpoints with `cloudckpt ls`"
                 ) from None
             # The manifest first: it holds .metadata's CRC32C, checked before unpickling.
-            manifest = self._load_manifest(rank)
+            manifest = self._load_manifest(blob, rank)
             if self.verify:
                 check_metadata_bytes(blob, manifest, self.store.url(key))
             metadata = load_metadata(blob, self.store.url(key))
@@ -168,26 +158,18 @@ class CloudStorageReader(StorageReader):
         self.metadata = metadata
         return metadata
 
-    def _load_manifest(self, rank: int | None) -> dict[str, Any] | None:
+    def _load_manifest(self, metadata_blob: bytes, rank: int | None) -> Manifest | None:
         assert self.uri is not None
-        name = layout.MANIFEST_NAME if rank is None else f"__{rank}{layout.MANIFEST_NAME}"
         self._facts = {}
         try:
-            blob = self.store.get(self.uri.key(name))
-        except ObjectNotFoundError:
-            return None  # written by stock DCP or another tool: no checksums to verify
-        if self.verify:
-            manifest = open_manifest(blob, self.store.url(self.uri.key(name)))
-        else:
-            manifest = json.loads(blob)
-        facts = {}
-        for rel, rows in manifest.get("items", {}).items():
-            for row in rows:
-                offset, length, item_crc, payload_off = row[:4]
-                payload_crc = row[4] if len(row) > 4 else None
-                facts[(rel, offset)] = _ItemFacts(length, item_crc, payload_off, payload_crc)
-        self._facts = facts
-        return manifest
+            manifest = find_manifest(self.store, self.uri, metadata_blob, rank)
+        except IntegrityError:
+            if self.verify:
+                raise
+            return None  # verify=False: load as if the checkpoint had no manifest
+        if manifest is not None:
+            self._facts = manifest.items
+        return manifest  # None: written by stock DCP or another tool, no checksums to verify
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         """Keep the metadata for planning reads."""
@@ -418,3 +400,16 @@ class LocalStorageReader(CloudStorageReader):
     """Load DCP checkpoints from a local directory (including stock FileSystemWriter output)."""
 
     scheme = "file"
+
+
+_READERS: dict[str, type[CloudStorageReader]] = {
+    "s3": S3StorageReader,
+    "gs": GCSStorageReader,
+    "file": LocalStorageReader,
+}
+
+
+def reader_for(uri: "str | os.PathLike[str] | StorageURI", **options: Any) -> CloudStorageReader:
+    """The DCP StorageReader for ``uri``: S3 for ``s3://``, GCS for ``gs://``, local otherwise."""
+    u = parse_uri(uri)
+    return _READERS[u.scheme](str(u), **options)

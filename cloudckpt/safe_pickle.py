@@ -16,7 +16,11 @@ import torch
 
 from cloudckpt.errors import UnsafeMetadataError
 
-__all__ = ["load_metadata"]
+__all__ = ["load_metadata", "MAX_METADATA_BYTES"]
+
+#: The largest ``.metadata`` that is read: DCP metadata of a job with thousands of ranks
+#: and tensors is tens of MiB; a larger object is refused before it is read.
+MAX_METADATA_BYTES = 512 * 1024 * 1024
 
 _ALLOWED: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.metadata": frozenset({

@@ -43,58 +43,13 @@ from cloudckpt.errors import (
     TransferError,
     UnsafeMetadataError,
 )
-from cloudckpt.safe_pickle import load_metadata
+from cloudckpt.manifest import Manifest, check_metadata_bytes, find_manifest
+from cloudckpt.safe_pickle import MAX_METADATA_BYTES, load_metadata
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import TransferEngine, TransferOptions
 from cloudckpt.uri import StorageURI, parse_uri
 
-__all__ = ["VerifyReport", "verify", "seal_manifest", "open_manifest", "MANIFEST_FORMAT"]
-
-#: Manifests of this format end with their own CRC32C and record the CRC32C of
-#: ``.metadata`` (``metadata_crc32c``); format 1 (no seal) is still read.
-MANIFEST_FORMAT = "cloudckpt-manifest/2"
-_SEAL = re.compile(rb',"manifest_crc32c":(\d+)\}\s*$')
-
-
-def seal_manifest(manifest: dict[str, Any]) -> bytes:
-    """Serialise a manifest with its own CRC32C as the last member (see :func:`open_manifest`).
-
-    The checksum covers the exact bytes of the manifest without that member, so
-    checking it needs no re-serialisation: strip the member, recompute.
-    """
-    body = json.dumps(manifest, separators=(",", ":")).encode()
-    return body[:-1] + b',"manifest_crc32c":%d}' % crc.crc32c(body)
-
-
-def open_manifest(blob: bytes, where: str) -> dict[str, Any]:
-    """Parse a manifest, checking its seal; IntegrityError (naming ``where``) if it is not intact."""
-    seal = _SEAL.search(blob)
-    if seal is not None and crc.crc32c(blob[:seal.start()] + b"}") != int(seal.group(1)):
-        raise IntegrityError(f"checksum mismatch in {where}: the checkpoint's manifest is corrupt, so none of "
-                             "its checksums can be trusted; restore the object or load an earlier checkpoint")
-    try:
-        doc = json.loads(blob)
-    except ValueError as exc:
-        raise IntegrityError(f"{where} is not readable JSON ({exc}): the manifest is corrupt; restore the "
-                             "object or load an earlier checkpoint") from exc
-    fmt = doc.get("format") if isinstance(doc, dict) else None
-    if fmt == MANIFEST_FORMAT and seal is None:
-        raise IntegrityError(f"{where} has lost its checksum seal: the manifest is corrupt; restore the object "
-                             "or load an earlier checkpoint")
-    if fmt not in (MANIFEST_FORMAT, "cloudckpt-manifest/1") or not isinstance(doc.get("objects"), dict) \
-            or not isinstance(doc.get("items"), dict):
-        raise IntegrityError(f"{where} is not a cloudckpt manifest this version can read (format {fmt!r}); it is "
-                             "corrupt or was written by a newer cloudckpt")
-    doc.pop("manifest_crc32c", None)
-    return doc
-
-
-def check_metadata_bytes(blob: bytes, manifest: dict[str, Any] | None, where: str) -> None:
-    """IntegrityError if ``.metadata``'s bytes do not match the CRC32C its manifest recorded."""
-    want = None if manifest is None else manifest.get("metadata_crc32c")
-    if want is not None and crc.crc32c(blob) != int(want):
-        raise IntegrityError(f"checksum mismatch in {where}: the checkpoint metadata is corrupt; restore the "
-                             "object or load an earlier checkpoint")
+__all__ = ["VerifyReport", "verify"]
 
 MiB = 1024 * 1024
 #: Bytes of every item kept from its start and its end for parsing. A torch.save
@@ -343,11 +298,11 @@ class _Verifier:
                 f"no checkpoint at {self.uri}: {meta_url} does not exist; list checkpoints with `cloudckpt ls`"
             )
         try:
-            meta_blob = self.store.get(self.uri.key(layout.METADATA_NAME))
+            meta_blob = self.store.get(self.uri.key(layout.METADATA_NAME), max_size=MAX_METADATA_BYTES)
         except ObjectNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"{self.url(layout.METADATA_NAME)} disappeared while verifying (deleted concurrently?)") from exc
-        manifest = self._manifest(listing)
+        manifest = self._manifest(meta_blob)
         try:
             check_metadata_bytes(meta_blob, manifest, self.url(layout.METADATA_NAME))
         except IntegrityError as exc:
@@ -359,7 +314,7 @@ class _Verifier:
             self.problems.append(str(exc))
             return self.report(0, 0, checksums=False)
         objects, n_items = self._structure(metadata, listing, manifest)
-        if manifest is None and layout.MANIFEST_NAME not in listing:
+        if manifest is None and not any(layout.is_manifest_name(n) for n in listing):
             self.notes.append("no cloudckpt manifest (written by stock DCP or another tool): checksums not "
                               "verified, structural checks only")
         if objects:
@@ -371,7 +326,7 @@ class _Verifier:
             self.notes.append(f"{len(stale)} data object(s) not referenced by .metadata (leftovers, safe to "
                               f"delete): {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
         n_objects = len({info.relative_path for info in metadata.storage_data.values()}
-                        | set((manifest or {}).get("objects", {})))
+                        | set(manifest.objects if manifest is not None else ()))
         return self.report(n_objects, n_items, checksums=manifest is not None)
 
     def report(self, objects: int, items: int, *, checksums: bool) -> VerifyReport:
@@ -379,19 +334,15 @@ class _Verifier:
                             bytes_checked=self.bytes_checked, problems=list(self.problems),
                             checksums_verified=checksums, deep=self.deep, notes=list(self.notes))
 
-    def _manifest(self, listing: dict[str, Any]) -> dict[str, Any] | None:
-        if layout.MANIFEST_NAME not in listing:
-            return None
+    def _manifest(self, meta_blob: bytes) -> Manifest | None:
         try:
-            return open_manifest(self.store.get(self.uri.key(layout.MANIFEST_NAME)), self.url(layout.MANIFEST_NAME))
-        except ObjectNotFoundError:
-            return None
+            return find_manifest(self.store, self.uri, meta_blob)
         except IntegrityError as exc:
             self.problems.append(f"{exc}; checksums cannot be verified")
             return None
 
     # -- structure ------------------------------------------------------------------------
-    def _structure(self, metadata: Any, listing: dict[str, Any], manifest: dict[str, Any] | None
+    def _structure(self, metadata: Any, listing: dict[str, Any], manifest: Manifest | None
                    ) -> tuple[list[_Obj], int]:
         """Check storage entries against metadata and listing; plan what to stream."""
         sdm = metadata.state_dict_metadata
@@ -408,13 +359,8 @@ class _Verifier:
             elif isinstance(md, BytesStorageMetadata) and (fqn, None) not in stored:
                 self.problems.append(f"{self.url(layout.METADATA_NAME)}: item {fqn!r} has no storage entry")
 
-        rows: dict[tuple[str, int], list[Any]] = {}
-        m_objects: dict[str, dict[str, int]] = {}
-        if manifest is not None:
-            m_objects = manifest["objects"]
-            for name, item_rows in manifest["items"].items():
-                for row in item_rows:
-                    rows[(name, int(row[0]))] = row
+        m_objects = manifest.objects if manifest is not None else {}
+        m_items = manifest.items if manifest is not None else {}
 
         items_by_obj: dict[str, list[_Item]] = {}
         n_items = 0
@@ -443,17 +389,17 @@ class _Verifier:
                     chunk = (md.properties.dtype, sizes)
             elif md is None:
                 self.problem(name, label, "storage entry for a key that is not in the metadata")
-            row = rows.get((name, info.offset)) if manifest is not None else None
+            row = m_items.get((name, info.offset))
             if manifest is not None and name in m_objects and row is None:
                 self.problem(name, label, f"item at offset {info.offset} is not in the manifest")
-            if row is not None and int(row[1]) != info.length:
-                self.problem(name, label, f"manifest says {row[1]} bytes, metadata says {info.length}")
+            if row is not None and row.length != info.length:
+                self.problem(name, label, f"manifest says {row.length} bytes, metadata says {info.length}")
                 row = None
             items_by_obj.setdefault(name, []).append(_Item(
                 label=label, obj=name, kind=kind, start=info.offset, length=info.length,
-                expected_crc=None if row is None else int(row[2]),
-                payload_offset=None if row is None or len(row) < 4 or row[3] is None else int(row[3]),
-                expected_payload_crc=None if row is None or len(row) < 5 or row[4] is None else int(row[4]),
+                expected_crc=None if row is None else row.crc32c,
+                payload_offset=None if row is None else row.payload_offset,
+                expected_payload_crc=None if row is None else row.payload_crc32c,
                 chunk=chunk))
 
         objects: list[_Obj] = []
@@ -465,7 +411,7 @@ class _Verifier:
                 if name not in items_by_obj:  # else already reported per item
                     self.problem(name, None, "object listed in the manifest is missing")
                 continue
-            exp_size = None if expected is None else int(expected["size"])
+            exp_size = None if expected is None else expected.size
             if exp_size is not None and exp_size != info.size:
                 self.problem(name, None, f"object has {info.size} bytes, the manifest says {exp_size} "
                                          "(truncated or replaced)")
@@ -474,7 +420,7 @@ class _Verifier:
                 if b.start < a.end:
                     self.problem(name, b.label, f"overlaps item {a.label!r} in the object")
             objects.append(_Obj(name=name, key=self.uri.key(name), size=info.size, expected_size=exp_size,
-                                expected_crc=None if expected is None else int(expected["crc32c"]), items=items))
+                                expected_crc=None if expected is None else expected.crc32c, items=items))
         return objects, n_items
 
     # -- streaming --------------------------------------------------------------------------

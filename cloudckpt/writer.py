@@ -18,7 +18,6 @@ Protocol per save (see docs/architecture.md):
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import io
 import logging
 import os
@@ -35,53 +34,19 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from cloudckpt import __version__, layout, retry
+from cloudckpt import crc, layout, retry
+from cloudckpt._version import __version__
 from cloudckpt.errors import CheckpointExistsError, InvalidURIError, PreconditionFailedError
+from cloudckpt.manifest import build_manifest, seal_manifest
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions, default_world_size
 from cloudckpt.uri import StorageURI, parse_uri
 
 __all__ = ["CloudStorageWriter", "S3StorageWriter", "GCSStorageWriter", "LocalStorageWriter", "ItemWriteInfo",
-           "PREFIX_STRATEGIES", "rank_prefix"]
+           "writer_for"]
 
 log = logging.getLogger(__name__)
 _DCP_VERSION = "1.0.0"
-
-#: Named values of ``prefix_strategy`` (an int >= 2 is a round-robin fan-out).
-PREFIX_STRATEGIES = ("none", "hash")
-
-
-def _check_prefix_strategy(strategy: "str | int") -> None:
-    fan_out = isinstance(strategy, int) and not isinstance(strategy, bool) and strategy >= 2
-    if not (fan_out or (isinstance(strategy, str) and strategy in PREFIX_STRATEGIES)):
-        raise ValueError(f"prefix_strategy must be one of {PREFIX_STRATEGIES} or an int >= 2 (a fan-out), "
-                         f"got {strategy!r}")
-
-
-def rank_prefix(rank: int, strategy: "str | int" = "none") -> str:
-    """The name prefix of ``rank``'s data objects: ``__{rank}_`` behind a spreading tag.
-
-    * ``"none"``: ``__{rank}_`` (FileSystemWriter's names: ``__12_0.distcp``);
-    * ``"hash"``: two hex digits of a hash of the rank first: ``3f-__12_0.distcp``
-      (up to 256 key prefixes, no order shared with the rank);
-    * ``N`` (int >= 2): ``rank % N`` in hex first, as many digits as ``N - 1`` needs,
-      so consecutive ranks land in different prefixes and each gets ``world / N`` ranks.
-
-    The tag goes at the start of the name, not into a sub-directory: object stores
-    partition keys by leading characters whatever the delimiter, and flat names keep
-    every listing tool (cloudckpt ls/gc/verify, overwrite cleanup) working unchanged.
-    """
-    _check_prefix_strategy(strategy)
-    if strategy == "none":
-        return f"__{rank}_"
-    if strategy == "hash":
-        import hashlib
-
-        tag = hashlib.blake2b(str(rank).encode(), digest_size=1).hexdigest()
-    else:
-        tag = format(rank % int(strategy), f"0{len(format(int(strategy) - 1, 'x'))}x")
-    return f"{tag}-__{rank}_"
-
 
 @dataclasses.dataclass
 class _CloudStoragePrefix(_StoragePrefix):
@@ -125,8 +90,8 @@ class CloudStorageWriter(StorageWriter):
         **store_options: Any,
     ) -> None:
         super().__init__()
-        _check_prefix_strategy(prefix_strategy)
-        #: How data objects are spread over key prefixes (see :func:`rank_prefix`, docs/scale.md).
+        layout.check_prefix_strategy(prefix_strategy)
+        #: How data objects are spread over key prefixes (see :func:`cloudckpt.layout.rank_prefix`, docs/scale.md).
         self.prefix_strategy = prefix_strategy
         #: Pacing of this rank's latest upload (world size, rate, ramp, request budget, part size).
         self.last_pacing: Any = None
@@ -171,7 +136,8 @@ class CloudStorageWriter(StorageWriter):
         state["_store"] = None
         return state
 
-    def _metadata_name(self) -> str:
+    def metadata_name(self) -> str:
+        """The commit object of this save: ``.metadata``, or ``__{rank}.metadata`` without collectives."""
         if not self.use_collectives and self.rank is not None:
             return layout.rank_metadata_name(self.rank)
         return layout.METADATA_NAME
@@ -235,7 +201,7 @@ class CloudStorageWriter(StorageWriter):
         uri = self._require_uri()
         store = self.store
         store.check_bucket()
-        meta_key = uri.key(self._metadata_name())
+        meta_key = uri.key(self.metadata_name())
         if store.head(meta_key) is not None:
             if not self.overwrite:
                 raise CheckpointExistsError(
@@ -250,7 +216,7 @@ class CloudStorageWriter(StorageWriter):
         alone = len(plans) == 1 and not self.use_collectives
         world = default_world_size() if alone else len(plans)
         return [dataclasses.replace(p, storage_data=_CloudStoragePrefix(
-            rank_prefix((self.rank or 0) if alone else i, self.prefix_strategy), world_size=world))
+            layout.rank_prefix((self.rank or 0) if alone else i, self.prefix_strategy), world_size=world))
             for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -264,7 +230,8 @@ class CloudStorageWriter(StorageWriter):
 
     def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         uri = self._require_uri()
-        prefix = plan.storage_data.prefix if isinstance(plan.storage_data, _StoragePrefix) else f"__{self.rank or 0}_"
+        prefix = plan.storage_data.prefix if isinstance(plan.storage_data, _StoragePrefix) else \
+            layout.rank_prefix(self.rank or 0, self.prefix_strategy)
         with layout.crc_disabled():
             framed = []
             for item in plan.items:
@@ -277,7 +244,7 @@ class CloudStorageWriter(StorageWriter):
         uploads = []
         placements = []  # (item, object name, offset)
         for n, group in enumerate(groups):
-            name = f"{prefix}{n}{layout.DATA_SUFFIX}"
+            name = layout.data_object_name(prefix, n)
             segments: list[Any] = []
             offset = 0
             for fi in group:
@@ -356,22 +323,11 @@ class CloudStorageWriter(StorageWriter):
         buf = io.BytesIO()
         pickle.dump(metadata, buf)
         meta_blob = buf.getvalue()
-        from cloudckpt import crc
-        from cloudckpt.verify import MANIFEST_FORMAT, seal_manifest
-
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "metadata_crc32c": crc.crc32c(meta_blob),
-            "writer": f"cloudckpt {__version__}",
-            "torch": torch.__version__,
-            "save_id": self.save_id,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            "world_size": len(results),
-            "objects": objects,
-            "items": {k: sorted(v, key=lambda r: r[0]) for k, v in sorted(items.items())},
-        }
-        manifest_name = layout.MANIFEST_NAME if self._metadata_name() == layout.METADATA_NAME else (
-            f"__{self.rank}{layout.MANIFEST_NAME}")
+        manifest = build_manifest(
+            metadata_crc32c=crc.crc32c(meta_blob), writer=f"cloudckpt {__version__}", torch_version=torch.__version__,
+            save_id=self.save_id, world_size=len(results), objects=objects, items=items)
+        rank = None if self.metadata_name() == layout.METADATA_NAME else self.rank
+        manifest_name = layout.manifest_name(self.save_id, rank)
         blob = seal_manifest(manifest)
         store.put(uri.key(manifest_name), [blob], crc32c=crc.crc32c(blob))
         self._commit(meta_blob)
@@ -379,10 +335,8 @@ class CloudStorageWriter(StorageWriter):
             self._remove_stale(set(objects) | {layout.METADATA_NAME, manifest_name})
 
     def _commit(self, blob: bytes) -> None:
-        from cloudckpt import crc
-
         uri = self._require_uri()
-        key = uri.key(self._metadata_name())
+        key = uri.key(self.metadata_name())
         try:
             self.store.put(key, [blob], crc32c=crc.crc32c(blob), if_absent=not self.overwrite)
         except PreconditionFailedError:
@@ -485,3 +439,16 @@ class LocalStorageWriter(CloudStorageWriter):
     """Write DCP checkpoints to a local directory with the same protocol and checksums."""
 
     scheme = "file"
+
+
+_WRITERS: dict[str, type[CloudStorageWriter]] = {
+    "s3": S3StorageWriter,
+    "gs": GCSStorageWriter,
+    "file": LocalStorageWriter,
+}
+
+
+def writer_for(uri: "str | os.PathLike[str] | StorageURI", **options: Any) -> CloudStorageWriter:
+    """The DCP StorageWriter for ``uri``: S3 for ``s3://``, GCS for ``gs://``, local otherwise."""
+    u = parse_uri(uri)
+    return _WRITERS[u.scheme](str(u), **options)

@@ -98,13 +98,13 @@ class Backend:
                     self.gcs_client().bucket(self.bucket).blob(key).upload_from_filename(path)
 
     def s3_client(self) -> Any:
-        from cloudckpt.testing.s3 import s3_client
+        from cloudckpt_testing.s3 import s3_client
 
         assert self.endpoint
         return s3_client(self.endpoint)
 
     def gcs_client(self) -> Any:
-        from cloudckpt.testing.gcs_emulator import gcs_client
+        from cloudckpt_testing.gcs_emulator import gcs_client
 
         assert self.endpoint
         return gcs_client(self.endpoint)

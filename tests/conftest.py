@@ -24,7 +24,7 @@ def _gcs_available() -> bool:
         import google.cloud.storage  # noqa: F401
 
         import cloudckpt.store.gcs  # noqa: F401
-        import cloudckpt.testing.gcs_emulator  # noqa: F401
+        import cloudckpt_testing.gcs_emulator  # noqa: F401
     except ImportError:
         return False
     return True
@@ -33,7 +33,7 @@ def _gcs_available() -> bool:
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[object]:
     """moto's S3 server in a child process, once per session."""
-    from cloudckpt.testing.s3 import TEST_CREDENTIALS, MotoS3Server
+    from cloudckpt_testing.s3 import TEST_CREDENTIALS, MotoS3Server
 
     for k, v in TEST_CREDENTIALS.items():
         os.environ[k] = v
@@ -46,7 +46,7 @@ def gcs_server() -> Iterator[object]:
     """Our in-memory GCS emulator, once per session."""
     if not _gcs_available():
         pytest.skip("GCS backend not available (install cloudckpt[gcs])")
-    from cloudckpt.testing.gcs_emulator import GCSEmulator
+    from cloudckpt_testing.gcs_emulator import GCSEmulator
 
     with GCSEmulator() as server:
         yield server

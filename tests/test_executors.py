@@ -21,7 +21,7 @@ def s3_and_gcs(request, tmp_path):
 
 
 def test_repeated_async_saves_reuse_one_worker_and_report_any_ranks_error(s3_and_gcs):
-    from cloudckpt.testing.faultproxy import FaultProxy, FaultRule
+    from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
 
     s3, gcs = s3_and_gcs
     targets = [(s3.uri("run"), s3.options), (gcs.uri("run"), gcs.options)]
@@ -55,7 +55,7 @@ def test_repeated_async_saves_reuse_one_worker_and_report_any_ranks_error(s3_and
 
 
 def test_killed_child_fails_every_rank_fast_and_commits_nothing(moto_server, tmp_path, request):
-    from cloudckpt.testing.faultproxy import FaultProxy, FaultRule
+    from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
     from tests.conftest import make_backend
 
     backend = make_backend("s3", request, tmp_path)
@@ -80,7 +80,8 @@ def test_killed_child_fails_every_rank_fast_and_commits_nothing(moto_server, tmp
 def test_process_executor_maps_staged_shared_memory_without_copying(moto_server, tmp_path, request):
     """Staged tensors are shared memory, reused across saves, and the child maps those very pages."""
     from cloudckpt.errors import CheckpointWorkerError
-    from cloudckpt.executors import ProcessCheckpointExecutor, async_save
+    from cloudckpt.executors import ProcessCheckpointExecutor
+    from cloudckpt.api import async_save
     from cloudckpt.staging import Stager
     from tests.conftest import make_backend
 
@@ -127,7 +128,8 @@ def test_process_executor_refuses_a_writer_holding_a_live_client(tmp_path):
     from google.cloud import storage
 
     from cloudckpt.errors import UnpicklableWriterError
-    from cloudckpt.executors import ProcessCheckpointExecutor, async_save
+    from cloudckpt.executors import ProcessCheckpointExecutor
+    from cloudckpt.api import async_save
     from cloudckpt.writer import GCSStorageWriter
 
     client = storage.Client(project="p", credentials=AnonymousCredentials())
@@ -140,7 +142,8 @@ def test_process_executor_refuses_a_writer_holding_a_live_client(tmp_path):
 
 def test_thread_executor_close_is_idempotent_and_refuses_new_saves(tmp_path):
     from cloudckpt.errors import CheckpointWorkerError
-    from cloudckpt.executors import ThreadCheckpointExecutor, async_save
+    from cloudckpt.executors import ThreadCheckpointExecutor
+    from cloudckpt.api import async_save
 
     ex = ThreadCheckpointExecutor()
     async_save({"a": torch.ones(3)}, checkpoint_id=str(tmp_path / "a"), executor=ex,
@@ -154,7 +157,8 @@ def test_thread_executor_close_is_idempotent_and_refuses_new_saves(tmp_path):
 
 _EXIT_SCRIPT = """
 import sys, torch
-from cloudckpt.executors import ProcessCheckpointExecutor, ThreadCheckpointExecutor, async_save
+from cloudckpt.executors import ProcessCheckpointExecutor, ThreadCheckpointExecutor
+from cloudckpt.api import async_save
 root = sys.argv[1]
 for name, ex in (("thread", ThreadCheckpointExecutor()), ("process", ProcessCheckpointExecutor())):
     async_save({"w": torch.full((1000,), 3.0)}, checkpoint_id=f"{root}/{name}", executor=ex, no_dist=True)
@@ -184,7 +188,7 @@ def test_interpreter_exit_closes_executors_without_hanging(tmp_path):
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_on_busy_raise_refuses_a_second_save_while_one_uploads(kind, tmp_path):
     from cloudckpt.errors import CheckpointInProgressError
-    from cloudckpt.executors import async_save
+    from cloudckpt.api import async_save
 
     gate = threading.Event()
     with workers._executor(kind, on_busy="raise") as ex:
@@ -200,7 +204,8 @@ def test_on_busy_raise_refuses_a_second_save_while_one_uploads(kind, tmp_path):
 
 
 def test_on_busy_wait_serialises_saves_so_staging_never_overwrites_an_upload(tmp_path):
-    from cloudckpt.executors import ThreadCheckpointExecutor, async_save
+    from cloudckpt.executors import ThreadCheckpointExecutor
+    from cloudckpt.api import async_save
 
     gate = threading.Event()
     with ThreadCheckpointExecutor() as ex:
@@ -213,7 +218,8 @@ def test_on_busy_wait_serialises_saves_so_staging_never_overwrites_an_upload(tmp
 
 def test_upload_error_reaches_the_future_typed(tmp_path):
     from cloudckpt.errors import CheckpointExistsError
-    from cloudckpt.executors import ThreadCheckpointExecutor, async_save
+    from cloudckpt.executors import ThreadCheckpointExecutor
+    from cloudckpt.api import async_save
 
     with ThreadCheckpointExecutor() as ex:
         async_save({"a": torch.ones(1)}, checkpoint_id=str(tmp_path / "x"), executor=ex,
@@ -286,7 +292,8 @@ def test_stager_without_cuda_asks_for_no_accelerator_feature():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_staging_uses_pinned_memory_and_non_blocking_copies(tmp_path):
-    from cloudckpt.executors import ThreadCheckpointExecutor, async_save
+    from cloudckpt.executors import ThreadCheckpointExecutor
+    from cloudckpt.api import async_save
     from cloudckpt.staging import Stager
 
     src = {"w": torch.randn(1024, 1024, device="cuda")}
@@ -307,7 +314,8 @@ def test_cuda_staging_uses_pinned_memory_and_non_blocking_copies(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_staging_for_the_process_executor_is_pinned_shared_memory(tmp_path):
-    from cloudckpt.executors import ProcessCheckpointExecutor, async_save
+    from cloudckpt.executors import ProcessCheckpointExecutor
+    from cloudckpt.api import async_save
     from cloudckpt.staging import Stager
 
     src = {"w": torch.randn(512, 512, device="cuda")}

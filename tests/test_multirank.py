@@ -43,7 +43,7 @@ def test_failure_on_one_rank_commits_nothing(cloud_backend):
 
 def test_failed_part_uploads_on_one_rank_abort_and_commit_nothing(moto_server, tmp_path, request):
     """Rank 1's UploadPart requests get HTTP 500 from a fault proxy in front of moto."""
-    from cloudckpt.testing.faultproxy import FaultProxy, FaultRule
+    from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
     from tests.conftest import make_backend
 
     backend = make_backend("s3", request, tmp_path)

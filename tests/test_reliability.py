@@ -17,8 +17,8 @@ from cloudckpt import retry
 from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, TransferError
 from cloudckpt.retry import AdaptiveLimiter, Attempt, FailureKind, GaveUp, RetryPolicy, RetryScope
 from cloudckpt.store import open_store
-from cloudckpt.testing.faultproxy import FaultProxy, FaultRule
-from cloudckpt.testing.reliability import TRIAL_FAULTS, Target, run_fault_trial
+from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
+from cloudckpt_testing.reliability import TRIAL_FAULTS, Target, run_fault_trial
 from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions
 from tests import workers
 from tests.dist import run_world, run_world_with_deaths

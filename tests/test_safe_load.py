@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 import cloudckpt
+from cloudckpt import layout
 from cloudckpt.errors import IntegrityError, UnsafeMetadataError
 from cloudckpt.safe_pickle import load_metadata
 from cloudckpt.uri import parse_uri
@@ -71,7 +72,9 @@ def test_crafted_metadata_would_run_code_but_is_refused(backend, tmp_path, kind)
     with pytest.raises(UnsafeMetadataError) as info:
         cloudckpt.load({"a": torch.zeros(3)}, uri, no_dist=True, verify=False, **backend.options)
     assert url in str(info.value) and "os.makedirs" in str(info.value) and "refusing" in str(info.value)
-    store.delete(parse_uri(uri).key(".cloudckpt-manifest.json"))
+    for info in list(store.list(parse_uri(uri).key(""))):
+        if layout.is_manifest_name(info.key.rsplit("/", 1)[-1]):
+            store.delete(info.key)
     with pytest.raises(UnsafeMetadataError):
         cloudckpt.load({"a": torch.zeros(3)}, uri, no_dist=True, **backend.options)
     assert not os.path.exists(sentinel)

@@ -31,7 +31,7 @@ from cloudckpt.transfer import (
     plan_pacing,
     plan_read_pacing,
 )
-from cloudckpt.writer import rank_prefix
+from cloudckpt.layout import rank_prefix
 from tests import workers
 from tests.dist import run_world
 from tests.helpers import assert_state_equal, empty_like_state_dict, realistic_state_dict
@@ -342,7 +342,7 @@ def test_throttled_multirank_save_completes_where_fixed_concurrency_fails(moto_s
     it commits; AIMD alone (10 attempts) commits too, after lowering and raising
     each rank's concurrency.
     """
-    from cloudckpt.testing.faultproxy import FaultProxy, ThrottleRule
+    from cloudckpt_testing.faultproxy import FaultProxy, ThrottleRule
     from tests.conftest import make_backend
 
     backend = make_backend("s3", request, tmp_path)

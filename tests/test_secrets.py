@@ -15,7 +15,7 @@ import torch
 
 import cloudckpt
 from cloudckpt.retry import RetryPolicy
-from cloudckpt.testing.faultproxy import FaultProxy, FaultRule
+from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
 from cloudckpt.uri import parse_uri
 from tests.conftest import closed_port, make_backend
 

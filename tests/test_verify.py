@@ -11,11 +11,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import cloudckpt
+from cloudckpt import layout
 from cloudckpt import crc
 from cloudckpt.errors import CheckpointNotFoundError, IntegrityError
 from cloudckpt.transfer import TransferOptions
 from cloudckpt.uri import parse_uri
-from cloudckpt.verify import MANIFEST_FORMAT, open_manifest, seal_manifest
+from cloudckpt.manifest import MANIFEST_FORMAT, open_manifest, seal_manifest
 from tests.helpers import empty_like_state_dict, realistic_state_dict
 
 MiB = 1 << 20
@@ -106,9 +107,11 @@ def test_flipped_byte_in_a_data_object_names_object_and_item(backend, where):
 
 
 def test_flipped_byte_in_metadata_or_manifest_is_an_integrity_error(backend):
-    for name in (".metadata", ".cloudckpt-manifest.json"):
-        uri, sd = _save(backend, name.strip("."))
-        size = len(_objects(backend, uri)[name])
+    for which in ("metadata", "manifest"):
+        uri, sd = _save(backend, which)
+        objs = _objects(backend, uri)
+        name = ".metadata" if which == "metadata" else next(n for n in objs if layout.is_manifest_name(n))
+        size = len(objs[name])
         _flip(backend, uri, name, size // 3)
         url = backend.store().url(parse_uri(uri).key(name))
         with pytest.raises(IntegrityError) as info:
@@ -204,7 +207,7 @@ def test_no_checkpoint_to_verify(backend):
 def test_manifest_seal_round_trip_and_tamper_detection():
     doc = {"format": MANIFEST_FORMAT, "objects": {"__0_0.distcp": {"size": 3, "crc32c": 7}}, "items": {}}
     blob = seal_manifest(doc)
-    assert open_manifest(blob, "m") == doc
+    assert open_manifest(blob, "m").doc == doc
     tampered = blob.replace(b'"size":3', b'"size":4')
     with pytest.raises(IntegrityError, match="manifest is corrupt"):
         open_manifest(tampered, "m")
@@ -215,4 +218,4 @@ def test_manifest_seal_round_trip_and_tamper_detection():
         open_manifest(b"{not json", "m")
     # Manifests of the first format (no seal) are still read.
     old = {"format": "cloudckpt-manifest/1", "objects": {}, "items": {}}
-    assert open_manifest(json.dumps(old).encode(), "m") == old
+    assert open_manifest(json.dumps(old).encode(), "m").doc == old

@@ -137,7 +137,7 @@ def repeated_async_saves(rank: int, world: int, targets: list, kinds: list, n: i
 
 def _repeated_async_saves(rank: int, world: int, targets: list, kind: str, n: int, bad_target: list) -> dict:
     import cloudckpt
-    from cloudckpt.executors import async_save
+    from cloudckpt.api import async_save
     from cloudckpt.staging import Stager
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -225,7 +225,8 @@ def crash_child_mid_upload(rank: int, world: int, uri: str, slow_options: dict, 
     import time
 
     import cloudckpt
-    from cloudckpt.executors import ProcessCheckpointExecutor, async_save
+    from cloudckpt.executors import ProcessCheckpointExecutor
+    from cloudckpt.api import async_save
     from cloudckpt.store import open_store
 
     ex = ProcessCheckpointExecutor(poll_interval=0.2)

@@ -93,6 +93,14 @@ class ObjectStore(abc.ABC):
     def __init__(self, bucket: str) -> None:
         self.bucket = bucket
 
+    def too_large(self, key: str, size: int, max_size: int) -> Exception:
+        """The error for an object over a read cap (see :meth:`get`)."""
+        from cloudckpt.errors import ObjectTooLargeError
+
+        return ObjectTooLargeError(
+            f"{self.url(key)} has {size} bytes, more than the {max_size} cloudckpt reads for an object of its kind; "
+            "it is corrupt, was tampered with, or is not what its name says. Restore it from a trusted copy")
+
     def url(self, key: str) -> str:
         """Human-readable URL of ``key`` for error messages."""
         return f"{self.scheme}://{self.bucket}/{key}"
@@ -116,8 +124,13 @@ class ObjectStore(abc.ABC):
         """Write ``body`` as one object; with ``if_absent`` raise PreconditionFailedError if it exists."""
 
     @abc.abstractmethod
-    def get(self, key: str) -> bytes:
-        """Read a whole object; ObjectNotFoundError if it is missing."""
+    def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        """Read a whole object; ObjectNotFoundError if it is missing.
+
+        With ``max_size``, an object larger than that raises ObjectTooLargeError
+        without its body being read: untrusted objects never cost more memory
+        than the caller allows.
+        """
 
     @abc.abstractmethod
     def get_range(self, key: str, start: int, out: memoryview) -> None:

@@ -564,12 +564,21 @@ class GCSStore(ObjectStore):
             )
         return info
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_size: int | None = None) -> bytes:
         """Download a whole object; the client verifies GCS's CRC32C of it."""
+        if max_size is not None:
+            info = self.head(key)
+            if info is None:
+                raise ObjectNotFoundError(f"{self.url(key)} does not exist (while trying to download it)")
+            if info.size > max_size:
+                raise self.too_large(key, info.size, max_size)
         blob = self.client.bucket(self.bucket).blob(key)
 
         def call() -> bytes:
-            return blob.download_as_bytes(checksum="crc32c", retry=None, timeout=self.timeout)
+            data = blob.download_as_bytes(checksum="crc32c", retry=None, timeout=self.timeout)
+            if max_size is not None and len(data) > max_size:
+                raise self.too_large(key, len(data), max_size)
+            return data
 
         return self._run("download", key, call)
 

@@ -95,10 +95,13 @@ class LocalStore(ObjectStore):
         self._publish(tmp, key, if_absent)
         return ObjectInfo(key=key, size=os.path.getsize(key), crc32c=crc32c)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_size: int | None = None) -> bytes:
         try:
             with open(key, "rb") as f:
-                return f.read()
+                size = os.fstat(f.fileno()).st_size
+                if max_size is not None and size > max_size:
+                    raise self.too_large(key, size, max_size)
+                return f.read() if max_size is None else f.read(max_size + 1)[: max_size]
         except FileNotFoundError as exc:
             raise ObjectNotFoundError(f"{key} does not exist") from exc
 

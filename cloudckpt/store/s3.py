@@ -380,9 +380,13 @@ class S3Store(ObjectStore):
         resp = self._run("upload", key, attempt)
         return ObjectInfo(key=key, size=size, etag=resp.get("ETag"), crc32c=crc32c, version=resp.get("VersionId"))
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_size: int | None = None) -> bytes:
         def attempt(_: Attempt) -> bytes:
             resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            size = int(resp.get("ContentLength", 0))
+            if max_size is not None and size > max_size:
+                resp["Body"].close()
+                raise self.too_large(key, size, max_size)
             # Reading the body is part of the attempt: a truncated or reset body is retried.
             return resp["Body"].read()
 

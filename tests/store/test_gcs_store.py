@@ -28,7 +28,7 @@ from cloudckpt.errors import (  # noqa: E402
 from cloudckpt.store import open_store  # noqa: E402
 from cloudckpt.store.base import PartResult  # noqa: E402
 from cloudckpt.store.gcs import GCSStore  # noqa: E402
-from cloudckpt.testing.gcs_emulator import GCSEmulator, gcs_client  # noqa: E402
+from cloudckpt_testing.gcs_emulator import GCSEmulator, gcs_client  # noqa: E402
 
 MiB = 1024 * 1024
 

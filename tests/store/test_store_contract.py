@@ -82,8 +82,8 @@ def test_wrong_checksum_is_rejected_and_stores_nothing(backend, store, base):
         # no CRC32C without the AWS CRT), so the S3 case runs against the fast S3
         # server, which checks it as S3 does.
         from cloudckpt.store.s3 import S3Store
-        from cloudckpt.testing.fast_s3 import FastS3Server
-        from cloudckpt.testing.s3 import s3_client
+        from cloudckpt_testing.fast_s3 import FastS3Server
+        from cloudckpt_testing.s3 import s3_client
 
         with FastS3Server() as server:
             s3_client(server.endpoint_url).create_bucket(Bucket="crc-check")

@@ -1,4 +1,4 @@
-"""Tests of cloudckpt.testing.faultproxy against moto's S3 server and a tiny echo server.
+"""Tests of cloudckpt_testing.faultproxy against moto's S3 server and a tiny echo server.
 
 Clients that must *see* a fault use ``total_max_attempts=1``: botocore's
 ``retries={"max_attempts": N}`` counts retries, not attempts, so
@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from cloudckpt.testing.faultproxy import (
+from cloudckpt_testing.faultproxy import (
     GCS_OPS,
     S3_OPS,
     FaultProxy,
@@ -37,7 +37,7 @@ boto3 = pytest.importorskip("boto3")
 from botocore.config import Config  # noqa: E402
 from botocore.exceptions import ClientError, HTTPClientError, ReadTimeoutError  # noqa: E402
 
-from cloudckpt.testing.s3 import TEST_CREDENTIALS, MotoS3Server  # noqa: E402
+from cloudckpt_testing.s3 import TEST_CREDENTIALS, MotoS3Server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -627,9 +627,9 @@ def test_gcs_json_error_body(echo: tuple[str, list[dict[str, Any]]]) -> None:
 
 def _gcs_emulator_module() -> Any:
     try:
-        from cloudckpt.testing import gcs_emulator
+        from cloudckpt_testing import gcs_emulator
     except ImportError as exc:
-        pytest.skip(f"cloudckpt.testing.gcs_emulator is not available yet ({exc})")
+        pytest.skip(f"cloudckpt_testing.gcs_emulator is not available yet ({exc})")
     pytest.importorskip("google.cloud.storage")
     return gcs_emulator
 

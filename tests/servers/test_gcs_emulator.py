@@ -1,4 +1,4 @@
-"""Conformance tests for cloudckpt.testing.gcs_emulator, driven by the real client.
+"""Conformance tests for cloudckpt_testing.gcs_emulator, driven by the real client.
 
 Everything goes through google-cloud-storage (and its vendored resumable-media
 classes), never through handler internals, so the client is the oracle for the
@@ -33,7 +33,7 @@ from google.cloud.storage import transfer_manager
 from google.cloud.storage._media import requests as media
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
-from cloudckpt.testing.gcs_emulator import GCSEmulator, gcs_client
+from cloudckpt_testing.gcs_emulator import GCSEmulator, gcs_client
 
 MiB = 1024 * 1024
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -680,7 +680,7 @@ def test_many_threads_share_one_client(our_bucket: Any) -> None:
 
 def test_command_line_entry_point() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloudckpt.testing.gcs_emulator", "--port", "0"],
+        [sys.executable, "-m", "cloudckpt_testing.gcs_emulator", "--port", "0"],
         stdout=subprocess.PIPE, text=True,
     )
     try:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from cloudckpt.testing.faultproxy import FaultProxy, FaultRule
+from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
 
 __all__ = [
     "TRIAL_FAULTS",
@@ -99,11 +99,11 @@ class Target:
         """Create a fresh bucket directly on the server; return its name."""
         name = f"rel-{uuid.uuid4().hex[:16]}"
         if self.name == "s3":
-            from cloudckpt.testing.s3 import s3_client
+            from cloudckpt_testing.s3 import s3_client
 
             s3_client(self.upstream).create_bucket(Bucket=name)
         else:
-            from cloudckpt.testing.gcs_emulator import gcs_client
+            from cloudckpt_testing.gcs_emulator import gcs_client
 
             gcs_client(self.upstream).create_bucket(name)
         return name

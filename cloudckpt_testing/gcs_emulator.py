@@ -22,7 +22,7 @@ Usage::
         client = gcs_client(emu.endpoint)
         client.create_bucket("b")
 
-or standalone: ``python -m cloudckpt.testing.gcs_emulator --port 4443``.
+or standalone: ``python -m cloudckpt_testing.gcs_emulator --port 4443``.
 """
 
 from __future__ import annotations

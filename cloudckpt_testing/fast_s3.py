@@ -16,7 +16,7 @@ ranges and partNumber, HeadObject, CopyObject, DeleteObject(s), ListObjects v1
 and v2, and the multipart upload calls. Signatures are never checked: any
 credentials work. Versioning, ACLs, tagging, policies and the like answer 501.
 
-Standalone: ``python -m cloudckpt.testing.fast_s3 --port 9000``.
+Standalone: ``python -m cloudckpt_testing.fast_s3 --port 9000``.
 
 Only the standard library and the ``crc32c`` package (a dependency of
 cloudckpt, which hashes buffers without copying them) are needed.
@@ -2224,7 +2224,7 @@ class FastS3Server:
 def main(argv: list[str] | None = None) -> None:
     """Command line: serve until interrupted (or until stdin closes with --exit-on-stdin-eof)."""
     ap = argparse.ArgumentParser(
-        prog="python -m cloudckpt.testing.fast_s3", description=__doc__.split("\n")[0]
+        prog="python -m cloudckpt_testing.fast_s3", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)

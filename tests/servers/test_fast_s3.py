@@ -1,4 +1,4 @@
-"""Functional tests of cloudckpt.testing.fast_s3 through real clients (no timing assertions)."""
+"""Functional tests of cloudckpt_testing.fast_s3 through real clients (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ boto3 = pytest.importorskip("boto3")
 from botocore.config import Config  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
 
-from cloudckpt.testing.fast_s3 import FastS3Server  # noqa: E402
+from cloudckpt_testing.fast_s3 import FastS3Server  # noqa: E402
 
 MiB = 1 << 20
 

@@ -43,7 +43,7 @@ from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions, de
 from cloudckpt.uri import StorageURI, parse_uri
 
 __all__ = ["CloudStorageWriter", "S3StorageWriter", "GCSStorageWriter", "LocalStorageWriter", "ItemWriteInfo",
-           "writer_for"]
+           "writer_for", "commit_metadata"]
 
 log = logging.getLogger(__name__)
 _DCP_VERSION = "1.0.0"
@@ -335,22 +335,7 @@ class CloudStorageWriter(StorageWriter):
             self._remove_stale(set(objects) | {layout.METADATA_NAME, manifest_name})
 
     def _commit(self, blob: bytes) -> None:
-        uri = self._require_uri()
-        key = uri.key(self.metadata_name())
-        try:
-            self.store.put(key, [blob], crc32c=crc.crc32c(blob), if_absent=not self.overwrite)
-        except PreconditionFailedError:
-            # If our own earlier attempt landed and only its reply was lost, the
-            # stored bytes are ours (save_id is inside them): that is a success.
-            try:
-                if self.store.get(key) == blob:
-                    return
-            except Exception:  # noqa: BLE001 - fall through to the clear error below
-                pass
-            raise CheckpointExistsError(
-                f"another writer committed {uri} while this save was running ({self.store.url(key)}); "
-                "nothing was overwritten. Save to a new checkpoint_id or pass overwrite=True"
-            ) from None
+        commit_metadata(self.store, self._require_uri(), blob, name=self.metadata_name(), overwrite=self.overwrite)
 
     def _remove_stale(self, keep: set[str]) -> None:
         # After an overwrite, data objects of the replaced checkpoint that the new
@@ -364,6 +349,32 @@ class CloudStorageWriter(StorageWriter):
         ]
         if stale:
             self.store.delete_many(stale)
+
+
+def commit_metadata(store: ObjectStore, uri: StorageURI, blob: bytes, *, name: str = layout.METADATA_NAME,
+                    overwrite: bool = False) -> None:
+    """The commit point of a checkpoint: one PUT of its ``.metadata`` (or ``name``).
+
+    Conditional (create-only) unless ``overwrite``, so of two saves racing to
+    commit the same checkpoint exactly one wins; the other gets
+    CheckpointExistsError and nothing is overwritten. Tolerant of a lost reply:
+    if the conditional PUT is refused because our own earlier attempt landed,
+    the stored bytes are ours (``.metadata`` holds this save's id), and that is
+    a success. Used by every writer and by ``cloudckpt cp``.
+    """
+    key = uri.key(name)
+    try:
+        store.put(key, [blob], crc32c=crc.crc32c(blob), if_absent=not overwrite)
+    except PreconditionFailedError:
+        try:
+            if store.get(key, max_size=len(blob)) == blob:
+                return
+        except Exception:  # noqa: BLE001 - fall through to the clear error below
+            pass
+        raise CheckpointExistsError(
+            f"another writer committed {uri} while this save was running ({store.url(key)}); "
+            "nothing was overwritten. Save to a new checkpoint_id or pass overwrite=True"
+        ) from None
 
 
 class S3StorageWriter(CloudStorageWriter):

@@ -192,6 +192,22 @@ class _BaseExecutor(_AsyncCheckpointExecutor):
         """Stop the worker (idempotent); waits up to ``timeout`` s for an in-flight save."""
         raise NotImplementedError
 
+    # -- preemption: stop the in-flight save -------------------------------------------------
+    def abort(self, reason: str = "aborted by the caller", timeout: float | None = 30.0) -> bool:
+        """Stop the in-flight save before it commits, where this executor can; True once none runs.
+
+        A save on the thread executor cannot be interrupted from outside its
+        thread: its writer must stop itself (CheckpointManager's writers stop
+        sending requests once their handle's ``abort_event`` is set, which fails
+        the save on every rank before the commit). This waits up to ``timeout``
+        seconds for the save to end, whatever its outcome (its future has it).
+        """
+        try:
+            self.wait_idle(timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def __enter__(self) -> "_BaseExecutor":
         return self
 
@@ -757,6 +773,24 @@ class ProcessCheckpointExecutor(_BaseExecutor):
                     time.sleep(0.5)
         except Exception:  # noqa: BLE001 - best effort; the bucket's lifecycle rule / gc cleans up
             log.warning("could not abort the multipart uploads of rank %d under %s", save.rank, uri, exc_info=True)
+
+    def abort(self, reason: str = "aborted by the caller", timeout: float | None = 30.0) -> bool:
+        """Kill this rank's checkpoint process if a save is in flight; True once that save has ended.
+
+        The monitor then fails the save as for any dead child: the other ranks'
+        children are stopped through the abort flag, this rank's multipart
+        uploads are aborted, and nothing is committed unless the commit had
+        already landed (the commit is one conditional write: it happened
+        entirely or not at all). A new process starts at the next save.
+        """
+        fut, child = self._inflight, self._child
+        if fut is None or fut.done():
+            return True
+        if child is not None and child.proc.is_alive():
+            log.warning("cloudckpt: aborting the in-flight save (%s): killing checkpoint process %d",
+                        reason, child.proc.pid)
+            child.proc.kill()
+        return super().abort(reason, timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Let the in-flight save finish (up to ``timeout`` s), then stop the child; safe to call twice."""

@@ -31,8 +31,12 @@ gone and every rank lists the same steps.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import hashlib
+import itertools
 import logging
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +44,13 @@ from typing import Any, Iterable, Sequence
 
 from cloudckpt import layout
 from cloudckpt.layout import parse_step_name, step_name
-from cloudckpt.errors import CheckpointNotFoundError, CloudCheckpointError, InvalidURIError
+from cloudckpt.errors import (
+    CheckpointAbortedError,
+    CheckpointNotFoundError,
+    CloudCheckpointError,
+    DeadlineExceededError,
+    InvalidURIError,
+)
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.uri import StorageURI, parse_uri
 from cloudckpt.writer import GCSStorageWriter, LocalStorageWriter, S3StorageWriter
@@ -237,17 +247,70 @@ class _RetainAfterCommit:
             log.info("cloudckpt: committed step %d under %s; retention deleted steps %s", job.step, job.root, deleted)
 
 
-class _ManagedS3Writer(_RetainAfterCommit, S3StorageWriter):
+class _AbortGuardStore:
+    """An ObjectStore view that refuses to send data or commit once ``event`` is set.
+
+    Cleanup (aborting multipart uploads, deleting, listing) still goes through,
+    so a save stopped this way unwinds like any failed save: its transfer
+    engine aborts its multipart uploads and deletes what it completed, and DCP
+    fails the save on every rank before rank 0 commits.
+    """
+
+    _BLOCKED = frozenset({"put", "create_multipart", "upload_part", "complete_multipart"})
+
+    def __init__(self, store: ObjectStore, event: threading.Event) -> None:
+        self._store = store
+        self._event = event
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name not in self._BLOCKED:
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self._event.is_set():
+                raise CheckpointAbortedError(
+                    f"the save to {self._store.url('')} was aborted for the emergency (preemption) checkpoint; "
+                    "nothing was committed by it")
+            return attr(*args, **kwargs)
+        return guarded
+
+
+class _AbortableUploads:
+    """Writer mixin: an async save whose ``abort_event`` is set stops sending requests (thread executor).
+
+    The event does not travel to a checkpoint process (it is not pickled);
+    there the executor's ``abort()`` stops the save instead.
+    """
+
+    abort_event: threading.Event | None = None
+
+    @property
+    def store(self) -> Any:  # noqa: D102 - see the class docstring
+        base = super().store  # type: ignore[misc]
+        return base if self.abort_event is None else _AbortGuardStore(base, self.abort_event)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # type: ignore[misc]
+        state.pop("abort_event", None)
+        return state
+
+
+class _ManagedS3Writer(_AbortableUploads, _RetainAfterCommit, S3StorageWriter):
     """S3 writer of a :class:`CheckpointManager` (retains after commit)."""
 
 
-class _ManagedGCSWriter(_RetainAfterCommit, GCSStorageWriter):
+class _ManagedGCSWriter(_AbortableUploads, _RetainAfterCommit, GCSStorageWriter):
     """GCS writer of a :class:`CheckpointManager` (retains after commit)."""
 
 
-class _ManagedLocalWriter(_RetainAfterCommit, LocalStorageWriter):
+class _ManagedLocalWriter(_AbortableUploads, _RetainAfterCommit, LocalStorageWriter):
     """Local writer of a :class:`CheckpointManager` (retains after commit)."""
 
+
+#: Managers created per root in this process: keeps each one's preemption key distinct.
+_GUARD_SEQ: dict[str, "itertools.count[int]"] = {}
+_GUARD_LOCK = threading.Lock()
 
 _MANAGED_WRITERS = {"s3": _ManagedS3Writer, "gs": _ManagedGCSWriter, "file": _ManagedLocalWriter}
 
@@ -285,6 +348,8 @@ class AsyncCheckpoint:
     blocked_s: float = 0.0
     #: Seconds from the return of async_save to the commit (set when the upload succeeds).
     upload_s: float | None = field(default=None)
+    #: Set to stop the upload before it commits (emergency save; see CheckpointManager.save).
+    abort_event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the commit; return the Metadata or raise the save's error."""
@@ -310,6 +375,18 @@ class CheckpointManager:
             :meth:`async_save`; it stays open when the manager closes. None: the
             manager creates a thread executor on first use and closes it in :meth:`close`.
         process_group: the group saves and loads run on (None: the default group).
+        preemption: watch for preemption notices (SIGTERM and the other
+            ``preemption_signals``, the EC2 and GCE metadata notices) from the
+            moment the manager is created; see :meth:`reached_preemption`.
+            False installs nothing (:meth:`request_preemption` still works).
+        preemption_signals: signals that mean "preempted" (handlers are
+            installed only when the manager is created on the main thread, and
+            put back by :meth:`close`).
+        preemption_grace: seconds from a notice until the emergency checkpoint
+            must be committed, unless the notice gives an earlier deadline (EC2
+            does). Leave a few seconds of the platform's grace period for exiting.
+        preemption_margin: how many steps after the step at which a rank saw
+            the notice every rank stops (see :class:`~cloudckpt.preemption.StepAgreement`).
         **writer_options: ``part_size``, ``max_concurrency``, ``overwrite``,
             ``target_object_size``, ``transfer_options`` go to the writer;
             ``max_concurrency``, ``read_gap_threshold``, ``verify``,
@@ -337,6 +414,10 @@ class CheckpointManager:
         keep_every: int | None = None,
         executor: Any = None,
         process_group: Any = None,
+        preemption: bool = True,
+        preemption_signals: Iterable[int] = (signal.SIGTERM,),
+        preemption_grace: float = 25.0,
+        preemption_margin: int = 1,
         **writer_options: Any,
     ) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
@@ -355,6 +436,10 @@ class CheckpointManager:
         self._own_executor: Any = None
         self._stager: Any = None
         self._closed = False
+        # -- preemption (see the "preemption" section below) --
+        self._last_async: AsyncCheckpoint | None = None
+        self._preemption = self._preemption_guard(preemption, preemption_signals, preemption_grace,
+                                                  preemption_margin)
 
     @property
     def keep_last(self) -> int | None:
@@ -421,11 +506,35 @@ class CheckpointManager:
 
         In-flight async saves are waited for first (their error, if any, is
         raised), so commits happen in call order. Retention has run when this returns.
+        If an async save of the same ``step`` is still in flight, this waits for
+        it and returns its Metadata instead of uploading the step twice (a step
+        that is already committed raises CheckpointExistsError, except in the
+        emergency save, which returns the committed step's Metadata).
+
+        After a preemption notice this is the emergency save (see
+        :meth:`reached_preemption`): an earlier async upload still in flight gets
+        up to half of the remaining grace to commit and is then aborted (nothing
+        of it committed); the save then runs with ``TransferOptions.save_deadline``
+        set to the grace that is left. Either it commits, or it raises and
+        nothing new is committed; earlier checkpoints are never touched.
         """
         from cloudckpt.api import save
 
         step = _check_step(step)
         self._check_open()
+        # Emergency only once the ranks agreed (not on a local notice alone): every rank takes the same path.
+        if self._preemption.stop_deadline() is not None:
+            return self._emergency_save(state_dict, step)
+        same = self._async_of(step)
+        if same is not None and not same.done():
+            try:
+                # That step is (being) uploaded already: never upload it twice.
+                meta = same.result()
+            except CloudCheckpointError as exc:
+                log.warning("cloudckpt: the async save of step %d failed (%s); saving it again", step, exc)
+            else:
+                self.wait()
+                return meta
         self.wait()
         writer = self._writer(step)
         self._begin(step)
@@ -454,6 +563,7 @@ class CheckpointManager:
             from cloudckpt.staging import Stager
 
             self._stager = Stager(shared_memory=getattr(executor, "needs_shared_memory", False))
+        writer.abort_event = threading.Event()
         self._begin(step)
         try:
             resp = async_save(state_dict, checkpoint_id=str(writer.uri), executor=executor, stager=self._stager,
@@ -463,7 +573,8 @@ class CheckpointManager:
             raise
         handle = AsyncCheckpoint(step=step, checkpoint_id=str(writer.uri),
                                  staging_completion=resp.staging_completion,
-                                 upload_completion=concurrent.futures.Future())
+                                 upload_completion=concurrent.futures.Future(),
+                                 abort_event=writer.abort_event)
         started = time.perf_counter()
 
         def done(fut: concurrent.futures.Future) -> None:
@@ -479,6 +590,7 @@ class CheckpointManager:
 
         with self._lock:
             self._pending.append(handle)
+            self._last_async = handle
         handle.blocked_s = time.perf_counter() - t0
         resp.upload_completion.add_done_callback(done)
         return handle
@@ -591,6 +703,116 @@ class CheckpointManager:
             protect = set(self._in_flight)
         return apply_retention(self.store, self.root, self.policy, protect)
 
+    # -- preemption ------------------------------------------------------------------------------
+    def _preemption_guard(self, watch: bool, signals: Iterable[int], grace: float, margin: int) -> Any:
+        from cloudckpt.preemption import PreemptionGuard
+
+        # The same key on every rank, distinct per root and per manager of that root in this job.
+        root = str(self.root)
+        with _GUARD_LOCK:
+            seq = next(_GUARD_SEQ.setdefault(root, itertools.count()))
+        namespace = f"{hashlib.sha256(root.encode()).hexdigest()[:16]}/{seq}"
+        return PreemptionGuard(namespace, grace=grace, signals=signals, margin=margin, watch=watch)
+
+    @property
+    def preemption_notice(self) -> Any:
+        """None, or the :class:`~cloudckpt.preemption.PreemptionNotice` seen (source, time, deadline, detail).
+
+        A rank that saw nothing itself reports a ``"peer"`` notice once
+        :meth:`reached_preemption` has learnt of another rank's.
+        """
+        return self._preemption.notice
+
+    def request_preemption(self, detail: str = "requested", deadline: float | None = None) -> Any:
+        """Act as if a preemption notice arrived now (for schedulers of your own); returns the notice.
+
+        ``deadline`` (``time.time()`` seconds) bounds the emergency save in
+        addition to ``preemption_grace``. Call it on one rank or on all.
+        """
+        return self._preemption.request(detail, deadline)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every rank at the same ``step`` once any rank has seen a preemption notice.
+
+        Call it once per step on every rank, then save and stop::
+
+            if mgr.reached_preemption(step):
+                mgr.save(state, step)      # the emergency checkpoint
+                break
+
+        Not collective: ranks agree through the process group's key-value store
+        (one lookup per call, well under a millisecond; a rank that sees a notice
+        proposes to stop ``preemption_margin`` steps later, and the first
+        proposal wins). This assumes ranks stay within ``preemption_margin``
+        steps of each other, as synchronous data-parallel training does.
+        """
+        return self._preemption.reached(_check_step(step))
+
+    def _async_of(self, step: int) -> AsyncCheckpoint | None:
+        """This manager's latest async save if it is of ``step`` and not known to have failed."""
+        h = self._last_async
+        if h is None or h.step != step:
+            return None
+        if h.done() and h.upload_completion.exception() is not None:
+            return None
+        return h
+
+    def _settle(self, handle: AsyncCheckpoint, budget: float) -> tuple[bool, Any]:
+        """Wait up to ``budget`` s for an async save; abort it past that. Returns (committed, Metadata)."""
+        try:
+            return True, handle.upload_completion.result(timeout=max(budget, 0.0))
+        except concurrent.futures.TimeoutError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - an earlier save's failure must not stop the emergency save
+            log.warning("cloudckpt: the async save of step %d failed before the emergency save: %s",
+                        handle.step, exc)
+            return False, None
+        log.warning("cloudckpt: aborting the async save of step %d: it did not commit within %.1f s of the "
+                    "preemption grace", handle.step, budget)
+        handle.abort_event.set()
+        abort = getattr(self.executor or self._own_executor, "abort", None)
+        if abort is not None:
+            abort("preemption", timeout=0)
+        # Unwinding takes one in-flight request plus aborting uploads; the emergency save does not need it
+        # finished (it runs on the trainer's group), so the wait is short and bounded.
+        try:
+            return True, handle.upload_completion.result(timeout=min(10.0, max(self._preemption.remaining() or 0,
+                                                                                 0.0)))
+        except BaseException as exc:  # noqa: BLE001 - aborted (or failed): nothing of it was committed
+            log.info("cloudckpt: the async save of step %d ended without a commit: %s", handle.step, exc)
+            return False, None
+
+    def _emergency_save(self, state_dict: dict[str, Any], step: int) -> Any:
+        """The save after a preemption notice; see :meth:`save`."""
+        from cloudckpt.api import save
+
+        guard = self._preemption
+        with self._lock:
+            pending, self._pending = self._pending, []
+        same = self._async_of(step)
+        for h in pending:
+            if h is not same:
+                self._settle(h, (guard.remaining() or 0.0) / 2)
+        if same is not None:
+            committed, meta = self._settle(same, guard.remaining() or 0.0)
+            if committed:
+                return meta
+        left = guard.remaining() or 0.0
+        if left <= 0:
+            raise DeadlineExceededError(
+                f"the preemption grace ran out before the emergency checkpoint of step {step} could start "
+                f"({self.checkpoint_uri(step)}); nothing new was committed. Raise preemption_grace if the "
+                "platform allows more time, or save more often")
+        writer = self._writer(step)
+        writer.transfer_options = dataclasses.replace(writer.transfer_options, save_deadline=left)
+        log.warning("cloudckpt: emergency checkpoint of step %d to %s (%.1f s of grace left)",
+                    step, writer.uri, left)
+        self._begin(step)
+        try:
+            return save(state_dict, writer.uri, storage_writer=writer, process_group=self.process_group)
+        finally:
+            self._end(step)
+
     # -- lifecycle --------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -601,6 +823,7 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        self._preemption.close()
         try:
             self.wait()
         finally:

@@ -21,8 +21,9 @@ Notices (:class:`PreemptionNotice`) come from:
 * :meth:`PreemptionWatcher.request`, for schedulers of the user's own.
 
 The metadata services are probed and polled from one daemon thread, never from
-the caller's: off the cloud the probe costs the trainer nothing, and after a
-few failed probes the thread ends.
+the caller's, and only where they exist: the link-local address is contacted
+only on a machine whose firmware (DMI) says it is an EC2 instance or a GCE VM,
+or at an endpoint the environment names. Off the cloud nothing is probed.
 
 Agreement (:class:`StepAgreement`): the first rank that sees a notice proposes
 "stop after step ``s + margin``" in the process group's key-value store with
@@ -111,20 +112,61 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
+def _dmi(name: str) -> str:
+    try:
+        with open(f"/sys/class/dmi/id/{name}", encoding="utf-8", errors="replace") as f:
+            return f.read(256).strip()
+    except OSError:
+        return ""
+
+
+def on_ec2() -> bool:
+    """True when the machine's firmware says it is an EC2 instance (no network involved)."""
+    if _dmi("sys_vendor") == "Amazon EC2" or _dmi("board_asset_tag").startswith("i-"):
+        return True
+    try:
+        with open("/sys/hypervisor/uuid", encoding="ascii", errors="replace") as f:
+            return f.read(3).lower() == "ec2"  # Xen-based instance types
+    except OSError:
+        return False
+
+
+def on_gce() -> bool:
+    """True when the machine's firmware says it is a GCE VM (google-auth's residency check)."""
+    return "Google" in _dmi("product_name") or _dmi("bios_vendor") == "Google"
+
+
 def ec2_metadata_endpoint() -> str | None:
-    """The IMDS base URL botocore would use (with a trailing slash), or None when disabled."""
+    """The IMDS base URL botocore would use (with a trailing slash), or None.
+
+    None when disabled (``AWS_EC2_METADATA_DISABLED``) and, unless
+    ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` names one, off EC2: the link-local
+    metadata address is only ever contacted on a machine whose firmware says
+    it is an EC2 instance.
+    """
     if _truthy("AWS_EC2_METADATA_DISABLED"):
         return None
-    url = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254/"
+    url = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+    if not url:
+        if not on_ec2():
+            return None
+        url = "http://169.254.169.254/"
     return url if url.endswith("/") else url + "/"
 
 
 def gce_metadata_host() -> str | None:
-    """The metadata host (``host[:port]``) google-auth would use, or None when disabled."""
+    """The metadata host (``host[:port]``) google-auth would use, or None.
+
+    None when disabled (``NO_GCE_CHECK``) and, unless ``GCE_METADATA_HOST`` (or
+    ``GCE_METADATA_IP``) names one, off GCE (firmware check, as google-auth does).
+    """
     if _truthy("NO_GCE_CHECK"):
         return None
+    host = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP")
+    if host:
+        return host
     # google-auth defaults to metadata.google.internal; the link-local IP needs no DNS.
-    return os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP") or "169.254.169.254"
+    return "169.254.169.254" if on_gce() else None
 
 
 # Metadata requests must never go through an HTTP proxy from the environment.

@@ -378,3 +378,21 @@ def test_aborted_async_upload_commits_nothing(s3_root: Any, monkeypatch: pytest.
         assert mgr.reached_preemption(3)
         mgr.save({"w": torch.full((16,), 3.0)}, 3)
         assert mgr.steps() == [1, 3]
+
+
+def test_metadata_endpoints_are_never_probed_off_the_cloud(monkeypatch):
+    """Off EC2/GCE (firmware says so) and with no endpoint named, nothing but 127.0.0.1 is ever contacted."""
+    from cloudckpt import preemption
+
+    for name in ("AWS_EC2_METADATA_DISABLED", "NO_GCE_CHECK", "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                 "GCE_METADATA_HOST", "GCE_METADATA_IP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(preemption, "on_ec2", lambda: False)
+    monkeypatch.setattr(preemption, "on_gce", lambda: False)
+    assert preemption.ec2_metadata_endpoint() is None and preemption.gce_metadata_host() is None
+    monkeypatch.setattr(preemption, "on_ec2", lambda: True)
+    monkeypatch.setattr(preemption, "on_gce", lambda: True)
+    assert preemption.ec2_metadata_endpoint() == "http://169.254.169.254/"
+    assert preemption.gce_metadata_host() == "169.254.169.254"
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+    assert preemption.ec2_metadata_endpoint() == "http://127.0.0.1:9/"

@@ -140,15 +140,6 @@ def _when(t: _dt.datetime | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _utc(t: _dt.datetime) -> _dt.datetime:
-    # Stores report aware times; a naive one is taken to be UTC (as S3 and GCS mean it).
-    return t.replace(tzinfo=_dt.timezone.utc) if t.tzinfo is None else t.astimezone(_dt.timezone.utc)
-
-
-def _iso(t: _dt.datetime | None) -> str | None:
-    return None if t is None else t.isoformat()
-
-
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
@@ -245,10 +236,9 @@ def _open(args: argparse.Namespace, uri_text: str) -> tuple[Any, Any]:
 
 
 def _confirm(question: str) -> bool:
-    try:
-        answer = input(f"{question} [y/N] ")
-    except EOFError:
-        return False
+    # The question goes to stderr, so stdout stays one JSON document with --json.
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -275,15 +265,15 @@ def cmd_ls(args: argparse.Namespace, out: _Out) -> int:
     uri, store = _open(args, args.uri)
     found = ops.list_uri(store, uri)
     if isinstance(found, ops.CheckpointListing):
-        rows = [(o.name, _human(o.size), _when(o.modified)) for o in found.objects]
+        objects = [(o.name, _human(o.size), _when(o.modified)) for o in found.objects]
         state = "committed" if found.committed else "NOT committed (no .metadata)"
         pending = found.uploads_in_progress
-        text = (_table(rows, ("OBJECT", "SIZE", "MODIFIED")) +
+        text = (_table(objects, ("OBJECT", "SIZE", "MODIFIED")) +
                 f"\n{len(found.objects)} objects, {_human(found.bytes)}, {state}"
                 + (f", {pending} multipart upload(s) in progress" if pending else ""))
         out.result(found.to_dict(), text)
         return EXIT_OK
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for e in found.entries:
         if e.kind == "prefix":
             rows.append(("-", "-", _human(e.bytes), "-", e.uri + "/"))
@@ -308,7 +298,7 @@ def cmd_info(args: argparse.Namespace, out: _Out) -> int:
 
     uri, store = _open(args, args.uri)
     info = ops.checkpoint_info(store, uri)
-    rows = [(i.key, i.kind if i.kind == "bytes" else i.dtype,
+    rows = [(i.key, i.kind if i.kind == "bytes" else i.dtype or "-",
              "-" if i.shape is None else "x".join(map(str, i.shape)) or "scalar",
              str(i.chunks), _human(i.bytes)) for i in info.items]
     ranks = info.ranks

@@ -250,11 +250,15 @@ def _references(metadata: Any, where: str) -> dict[str, int]:
     for info in table.values():
         name = layout.check_relative_path(getattr(info, "relative_path", None), where)
         offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62 for v in (offset, length)):
+        if not (isinstance(offset, int) and isinstance(length, int) and _byte_count(offset) and _byte_count(length)):
             raise UnsafeMetadataError(f"{where} records item offset {offset!r} / length {length!r} in {name!r}, "
                                       "which are not byte counts; the metadata is corrupt or was tampered with")
         need[name] = max(need.get(name, 0), offset + length)
     return need
+
+
+def _byte_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
 
 
 def checkpoint_objects(store: ObjectStore, uri: StorageURI,
@@ -508,8 +512,6 @@ def _download(store: ObjectStore, src: StorageURI, sizes: Mapping[str, int], roo
     ``check`` gets the CRC32C of every downloaded object before anything is
     renamed into place; if it (or anything else) raises, nothing is left behind.
     """
-    from cloudckpt import crc
-
     files = _LocalFiles(root)
     maps: dict[str, mmap.mmap | None] = {}
     views: list[memoryview] = []
@@ -528,7 +530,7 @@ def _download(store: ObjectStore, src: StorageURI, sizes: Mapping[str, int], roo
                     reads.append((src.key(name), off, views[-1]))
         engine.download_ranges(reads, progress=progress)
         reads.clear()
-        check({n: (crc.crc32c(mm) if mm is not None else 0) for n, mm in maps.items()})
+        check({n: _crc_of(mm) for n, mm in maps.items()})
         _release(views, maps)
         files.commit()
         ok = True
@@ -536,6 +538,15 @@ def _download(store: ObjectStore, src: StorageURI, sizes: Mapping[str, int], roo
         _release(views, maps)
         if not ok:
             files.discard()
+
+
+def _crc_of(mm: mmap.mmap | None) -> int:
+    from cloudckpt import crc
+
+    if mm is None:
+        return 0
+    with memoryview(mm) as view:
+        return crc.crc32c(view)
 
 
 def _release(views: list[memoryview], maps: dict[str, mmap.mmap | None]) -> None:

@@ -653,10 +653,16 @@ def copy_checkpoint(src_store: ObjectStore, src: StorageURI, dst_store: ObjectSt
                     f"{expected[name]:#010x}: the source object is corrupt; nothing was committed at {dst}")
 
     if dst.is_local:
+        made = not os.path.lexists(dst.prefix)
         os.makedirs(dst.prefix, exist_ok=True)
         if on_total:
             on_total(total)
-        _download(src_store, src, sizes, dst.prefix, TransferEngine(src_store, opts), progress, check)
+        try:
+            _download(src_store, src, sizes, dst.prefix, TransferEngine(src_store, opts), progress, check)
+        except BaseException:
+            if made:
+                shutil.rmtree(dst.prefix, ignore_errors=True)  # ours, and _download left it empty
+            raise
     elif src.is_local:
         if on_total:
             on_total(total)

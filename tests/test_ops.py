@@ -284,7 +284,8 @@ def test_cp_cleans_partial_files_on_failure(backend, tmp_path):
     dst = tmp_path / "dst"
     with pytest.raises(IntegrityError, match="CRC32C"):
         ops.copy_checkpoint(store, parse_uri(src), ops_store(str(dst)), parse_uri(str(dst)))
-    assert os.listdir(dst) == []
+    assert not dst.exists()  # the directory the copy created went too
+    dst.mkdir()
     # 2. A rename that fails after another object was already placed (a directory at the data object's name).
     blob[-3] ^= 0xFF
     put(store, key, bytes(blob))
@@ -294,6 +295,22 @@ def test_cp_cleans_partial_files_on_failure(backend, tmp_path):
     assert os.listdir(dst) == [data] and os.listdir(dst / data) == []
     assert cli.main(["cp", src, str(dst), *endpoint(backend)]) == cli.EXIT_LOCAL_FS
     assert os.listdir(dst) == [data]
+
+
+def test_cp_overwrite_replaces_a_committed_checkpoint_and_its_stale_objects(backend, tmp_path):
+    src, dst = backend.uri("a"), backend.uri("b")
+    cloudckpt.save(state(12), src, **backend.options)
+    cloudckpt.save(state(13), dst, **backend.options)
+    old = set(backend.keys(dst))
+    store = backend.store()
+    with pytest.raises(CheckpointExistsError):
+        ops.copy_checkpoint(store, parse_uri(src), store, parse_uri(dst))
+    ops.copy_checkpoint(store, parse_uri(src), store, parse_uri(dst), overwrite=True)
+    assert set(backend.keys(dst)) == set(backend.keys(src))
+    assert [n for n in old if layout.is_manifest_name(n) and n in backend.keys(dst)] == []  # the replaced one's
+    got = target()
+    cloudckpt.load(got, dst, **backend.options)
+    assert_state(12, got)
 
 
 def endpoint(backend: Any) -> list[str]:

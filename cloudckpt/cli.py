@@ -1,15 +1,23 @@
 """The ``cloudckpt`` command: inspect, verify, copy and clean up checkpoints.
 
+This module only parses arguments and renders results (text or ``--json``);
+the operations themselves are library functions in :mod:`cloudckpt.ops`
+(and :func:`cloudckpt.verify.verify`). ``rm`` and ``gc`` ask before deleting
+on a terminal, need ``--yes`` without one, and change nothing with ``--dry-run``.
+
 Run ``cloudckpt --help`` or see docs/configuration.md. Exit codes (stable, for scripts):
 
 ====  ===========================================================
 0     success
-1     verification found problems (or copied bytes failed their checksum)
-2     usage error, bad URI
-3     not found (no checkpoint, object or bucket)
-4     already exists (destination checkpoint, without --overwrite)
-5     access denied, endpoint unreachable, network/transfer failure
+1     verification found problems; a checkpoint is corrupt, incomplete or unsafe (bad object names,
+      copied bytes that fail their checksum)
+2     usage error, bad URI, not a checkpoint, destructive command without --yes and no terminal
+3     not found (no checkpoint, object or bucket; local ENOENT)
+4     already exists (destination checkpoint, without --overwrite; local EEXIST)
+5     access denied, endpoint unreachable, network/transfer failure (local EACCES, EPERM, EROFS)
 6     a package the command needs is missing (the message names the pip extra)
+7     the local file system refused a write (ENOSPC, EDQUOT, EFBIG, ENAMETOOLONG, ENOTDIR, EISDIR,
+      ELOOP, any other OS error) or a local destination holds a symlink where cp must write
 10    unexpected error (rerun with --debug for the traceback)
 130   interrupted (Ctrl-C)
 ====  ===========================================================
@@ -19,19 +27,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.machinery
+import errno
 import json
-import mmap
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "exit_code_for", "parse_duration", "EXIT_CODES"]
 
@@ -42,6 +45,7 @@ EXIT_NOT_FOUND = 3
 EXIT_EXISTS = 4
 EXIT_ACCESS = 5
 EXIT_MISSING = 6
+EXIT_LOCAL_FS = 7
 EXIT_UNEXPECTED = 10
 EXIT_INTERRUPTED = 130
 #: Meaning of every exit code (also in docs/configuration.md).
@@ -53,6 +57,7 @@ EXIT_CODES = {
     EXIT_EXISTS: "destination already exists",
     EXIT_ACCESS: "access denied, endpoint unreachable or network problem",
     EXIT_MISSING: "a needed package is not installed",
+    EXIT_LOCAL_FS: "the local file system refused a write (no space, name too long, not a directory...)",
     EXIT_UNEXPECTED: "unexpected error",
     EXIT_INTERRUPTED: "interrupted",
 }
@@ -88,15 +93,27 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_ACCESS
     if isinstance(exc, (e.IntegrityError, e.UnsafeMetadataError)):
         return EXIT_PROBLEMS
+    if isinstance(exc, e.UnsafeDestinationError):
+        return EXIT_LOCAL_FS
     if isinstance(exc, e.CloudCheckpointError):
         return EXIT_UNEXPECTED
-    if isinstance(exc, FileNotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(exc, FileExistsError):
-        return EXIT_EXISTS
-    if isinstance(exc, (PermissionError, ConnectionError)):
-        return EXIT_ACCESS
+    if isinstance(exc, OSError):
+        return _os_error_code(exc)
     return EXIT_UNEXPECTED
+
+
+def _os_error_code(exc: OSError) -> int:
+    """The exit code of an error the operating system raised (see the module docstring)."""
+    if isinstance(exc, ConnectionError):
+        return EXIT_ACCESS
+    code = exc.errno
+    if isinstance(exc, FileNotFoundError) or code == errno.ENOENT:
+        return EXIT_NOT_FOUND
+    if isinstance(exc, FileExistsError) or code == errno.EEXIST:
+        return EXIT_EXISTS
+    if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return EXIT_ACCESS
+    return EXIT_LOCAL_FS
 
 
 def parse_duration(text: str) -> float:
@@ -121,15 +138,6 @@ def _when(t: _dt.datetime | None) -> str:
     if t.tzinfo is not None:
         t = t.astimezone(_dt.timezone.utc)
     return t.strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _utc(t: _dt.datetime) -> _dt.datetime:
-    # Stores report aware times; a naive one is taken to be UTC (as S3 and GCS mean it).
-    return t.replace(tzinfo=_dt.timezone.utc) if t.tzinfo is None else t.astimezone(_dt.timezone.utc)
-
-
-def _iso(t: _dt.datetime | None) -> str | None:
-    return None if t is None else t.isoformat()
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -207,19 +215,16 @@ class _Progress:
 
 
 def _store_options(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
-    """Global options that apply to ``scheme``'s store."""
-    opts: dict[str, Any] = {}
+    """Global options that apply to ``scheme``'s store (checked against cloudckpt.options' table)."""
+    from cloudckpt.options import split_options
+
     if scheme == "s3":
-        if args.endpoint_url:
-            opts["endpoint_url"] = args.endpoint_url
-        if args.region:
-            opts["region"] = args.region
+        given = {"endpoint_url": args.endpoint_url, "region": args.region}
     elif scheme == "gs":
-        if args.endpoint_url:
-            opts["endpoint_url"] = args.endpoint_url
-        if args.project:
-            opts["project"] = args.project
-    return opts
+        given = {"endpoint_url": args.endpoint_url, "project": args.project}
+    else:
+        return {}
+    return dict(split_options({k: v for k, v in given.items() if v}, owner="cloudckpt").store)
 
 
 def _open(args: argparse.Namespace, uri_text: str) -> tuple[Any, Any]:
@@ -230,76 +235,24 @@ def _open(args: argparse.Namespace, uri_text: str) -> tuple[Any, Any]:
     return uri, open_store(uri, **_store_options(args, uri.scheme))
 
 
-def _is_dcp_name(name: str) -> bool:
-    from cloudckpt import layout
-
-    return layout.is_checkpoint_object_name(name)
-
-
-def _top_level(store: Any, uri: Any) -> tuple[dict[str, Any], list[Any]]:
-    """(objects directly under the prefix by name, every object below it)."""
-    base = uri.key("")
-    everything = list(store.list(base))
-    top = {}
-    for info in everything:
-        rel = info.key[len(base):]
-        if rel and "/" not in rel:
-            top[rel] = info
-    return top, everything
+def _confirm(question: str) -> bool:
+    # The question goes to stderr, so stdout stays one JSON document with --json.
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
 
 
-def _group_children(uri: Any, everything: Iterable[Any]) -> dict[str, dict[str, Any]]:
-    """Objects one level down, by child name: {child: {relative name: info}} (deeper ones under '')."""
-    base = uri.key("")
-    out: dict[str, dict[str, Any]] = {}
-    for info in everything:
-        rel = info.key[len(base):]
-        child, sep, rest = rel.partition("/")
-        if sep:
-            out.setdefault(child, {})[rest] = info
-    return out
-
-
-def _uploads_by_child(store: Any, uri: Any) -> dict[str, list[Any]]:
-    """Unfinished multipart uploads under ``uri`` by child name ('' for uploads directly inside it)."""
-    base = uri.key("")
-    out: dict[str, list[Any]] = {}
-    for u in store.list_multipart_uploads(base):
-        child, sep, _ = u.key[len(base):].partition("/")
-        out.setdefault(child if sep else "", []).append(u)
-    return out
-
-
-def _load_metadata(store: Any, uri: Any) -> Any:
-    from cloudckpt import layout
-    from cloudckpt.errors import CheckpointNotFoundError, ObjectNotFoundError
-    from cloudckpt.safe_pickle import load_metadata
-
-    key = uri.key(layout.METADATA_NAME)
-    try:
-        blob = store.get(key)
-    except ObjectNotFoundError:
-        raise CheckpointNotFoundError(
-            f"no committed checkpoint at {uri}: {store.url(key)} does not exist; list what is there with "
-            f"`cloudckpt ls {uri}`"
-        ) from None
-    return load_metadata(blob, store.url(key))
-
-
-def _load_manifest(store: Any, uri: Any) -> dict[str, Any] | None:
-    """The checkpoint's manifest document (None if it has none, or none matches its ``.metadata``)."""
-    from cloudckpt import layout
-    from cloudckpt.errors import CloudCheckpointError
-    from cloudckpt.manifest import find_manifest
-    from cloudckpt.safe_pickle import MAX_METADATA_BYTES
-
-    try:
-        found = find_manifest(store, uri, store.get(uri.key(layout.METADATA_NAME), max_size=MAX_METADATA_BYTES))
-    except CloudCheckpointError:
-        return None
-    if found is None:
-        return None
-    return dict(found.doc, objects={n: {"size": o.size, "crc32c": o.crc32c} for n, o in found.objects.items()})
+def _allowed(args: argparse.Namespace, out: _Out, question: str) -> bool:
+    """May a destructive command go ahead? ``--yes``, or a "y" on a terminal; without one, exit 2."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CLIError(f"refusing to {question} without confirmation: pass --yes (or --dry-run to see what "
+                       "would be deleted)", EXIT_USAGE)
+    if _confirm(f"{question}?"):
+        return True
+    out.info("nothing deleted")
+    return False
 
 
 # -- ls -------------------------------------------------------------------------------------
@@ -307,64 +260,32 @@ def _load_manifest(store: Any, uri: Any) -> dict[str, Any] | None:
 
 def cmd_ls(args: argparse.Namespace, out: _Out) -> int:
     """List the checkpoints under a root, or the objects of one checkpoint."""
-    from cloudckpt import layout
-    from cloudckpt.errors import CheckpointNotFoundError
-    from cloudckpt.layout import parse_step_name
+    from cloudckpt import ops
 
     uri, store = _open(args, args.uri)
-    top, everything = _top_level(store, uri)
-    uploads = _uploads_by_child(store, uri)
-    if not everything and not uploads:
-        raise CheckpointNotFoundError(f"nothing under {uri}; check the URI (and --endpoint-url)")
-    if any(_is_dcp_name(n) for n in top) or (not everything and "" in uploads):
-        committed = layout.METADATA_NAME in top
-        objs = [{"name": n, "size": i.size, "modified": _iso(i.last_modified)} for n, i in sorted(top.items())]
-        total = sum(i.size for i in top.values())
-        pending = len(uploads.get("", []))
-        doc = {"uri": str(uri), "kind": "checkpoint", "committed": committed, "bytes": total, "objects": objs,
-               "uploads_in_progress": pending}
-        rows = [(o["name"], _human(o["size"]), _when(top[o["name"]].last_modified)) for o in objs]
-        text = (_table(rows, ("OBJECT", "SIZE", "MODIFIED")) +
-                f"\n{len(objs)} objects, {_human(total)}, {'committed' if committed else 'NOT committed (no .metadata)'}"
+    found = ops.list_uri(store, uri)
+    if isinstance(found, ops.CheckpointListing):
+        objects = [(o.name, _human(o.size), _when(o.modified)) for o in found.objects]
+        state = "committed" if found.committed else "NOT committed (no .metadata)"
+        pending = found.uploads_in_progress
+        text = (_table(objects, ("OBJECT", "SIZE", "MODIFIED")) +
+                f"\n{len(found.objects)} objects, {_human(found.bytes)}, {state}"
                 + (f", {pending} multipart upload(s) in progress" if pending else ""))
-        out.result(doc, text)
+        out.result(found.to_dict(), text)
         return EXIT_OK
-    entries = []
-    children = _group_children(uri, everything)
-    for child in uploads:
-        if child:
-            children.setdefault(child, {})  # a save whose only objects are unfinished uploads
-    for child, objs in sorted(children.items()):
-        direct = {n: i for n, i in objs.items() if "/" not in n}
-        pending = len(uploads.get(child, []))
-        if not any(_is_dcp_name(n) for n in direct) and not pending:
-            entries.append({"name": child, "uri": str(uri.child(child)), "step": None, "kind": "prefix",
-                            "committed": None, "objects": len(objs), "bytes": sum(i.size for i in objs.values()),
-                            "modified": None, "uploads_in_progress": 0})
-            continue
-        meta = direct.get(layout.METADATA_NAME)
-        times = [i.last_modified for i in direct.values() if i.last_modified is not None]
-        when = meta.last_modified if meta is not None and meta.last_modified else (max(times) if times else None)
-        entries.append({"name": child, "uri": str(uri.child(child)), "step": parse_step_name(child),
-                        "kind": "checkpoint", "committed": meta is not None, "objects": len(direct),
-                        "bytes": sum(i.size for i in direct.values()), "modified": _iso(when),
-                        "uploads_in_progress": pending})
-    entries.sort(key=lambda e: (e["kind"] != "checkpoint", e["step"] is None,
-                                e["step"] if e["step"] is not None else 0, e["name"]))
-    rows = []
-    for e in entries:
-        if e["kind"] == "prefix":
-            rows.append(("-", "-", _human(e["bytes"]), "-", e["uri"] + "/"))
+    rows: list[tuple[str, ...]] = []
+    for e in found.entries:
+        if e.kind == "prefix":
+            rows.append(("-", "-", _human(e.bytes), "-", e.uri + "/"))
         else:
-            state = "yes" if e["committed"] else ("NO (uploading)" if e["uploads_in_progress"] else "NO")
-            rows.append((str(e["step"]) if e["step"] is not None else "-", state,
-                         _human(e["bytes"]), _when(_dt.datetime.fromisoformat(e["modified"]))
-                         if e["modified"] else "-", e["uri"]))
-    n_ckpt = sum(1 for e in entries if e["kind"] == "checkpoint")
-    n_committed = sum(1 for e in entries if e["committed"])
+            state = "yes" if e.committed else ("NO (uploading)" if e.uploads_in_progress else "NO")
+            rows.append((str(e.step) if e.step is not None else "-", state, _human(e.bytes), _when(e.modified),
+                         e.uri))
+    n_ckpt = sum(1 for e in found.entries if e.kind == "checkpoint")
+    n_committed = sum(1 for e in found.entries if e.committed)
     text = _table(rows, ("STEP", "COMMITTED", "SIZE", "MODIFIED", "URI")) + (
         f"\n{n_ckpt} checkpoints ({n_committed} committed)")
-    out.result({"uri": str(uri), "kind": "root", "checkpoints": entries}, text)
+    out.result(found.to_dict(), text)
     return EXIT_OK
 
 
@@ -373,68 +294,27 @@ def cmd_ls(args: argparse.Namespace, out: _Out) -> int:
 
 def cmd_info(args: argparse.Namespace, out: _Out) -> int:
     """Describe a checkpoint: ranks, tensors, dtypes, shapes, bytes, creation time, writer."""
-    import torch
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    from cloudckpt import layout
+    from cloudckpt import ops
 
     uri, store = _open(args, args.uri)
-    metadata = _load_metadata(store, uri)
-    manifest = _load_manifest(store, uri)
-    top, _ = _top_level(store, uri)
-    ranks = sorted({parsed[0] for n in top if (parsed := layout.parse_data_object_name(n)) is not None})
-    byte_lengths: dict[str, int] = {}
-    for idx, info in metadata.storage_data.items():
-        byte_lengths[idx.fqn] = byte_lengths.get(idx.fqn, 0) + getattr(info, "length", 0)
-    items = []
-    tensor_bytes = 0
-    for fqn, md in sorted(metadata.state_dict_metadata.items()):
-        if isinstance(md, TensorStorageMetadata):
-            numel = 1
-            for s in md.size:
-                numel *= s
-            nbytes = numel * torch.empty((), dtype=md.properties.dtype).element_size()
-            tensor_bytes += nbytes
-            items.append({"key": fqn, "kind": "tensor", "dtype": str(md.properties.dtype).replace("torch.", ""),
-                          "shape": list(md.size), "chunks": len(md.chunks), "bytes": nbytes})
-        elif isinstance(md, BytesStorageMetadata):
-            items.append({"key": fqn, "kind": "bytes", "dtype": None, "shape": None, "chunks": 1,
-                          "bytes": byte_lengths.get(fqn, 0)})
-    meta_info = top.get(layout.METADATA_NAME)
-    created = (manifest or {}).get("created") or _iso(meta_info.last_modified if meta_info else None)
-    writer = (manifest or {}).get("writer") or "stock DCP or another tool (no cloudckpt manifest)"
-    storage_meta = getattr(metadata, "storage_meta", None)
-    doc = {
-        "uri": str(uri),
-        "created": created,
-        "writer": writer,
-        "torch": (manifest or {}).get("torch"),
-        "save_id": (manifest or {}).get("save_id") or getattr(storage_meta, "save_id", None),
-        "ranks": ranks,
-        "world_size": (manifest or {}).get("world_size", len(ranks) or None),
-        "objects": len(top),
-        "stored_bytes": sum(i.size for i in top.values()),
-        "tensor_bytes": tensor_bytes,
-        "tensors": sum(1 for i in items if i["kind"] == "tensor"),
-        "byte_items": sum(1 for i in items if i["kind"] == "bytes"),
-        "checksums": manifest is not None,
-        "items": items,
-    }
-    rows = [(i["key"], i["kind"] if i["kind"] == "bytes" else i["dtype"],
-             "-" if i["shape"] is None else "x".join(map(str, i["shape"])) or "scalar",
-             str(i["chunks"]), _human(i["bytes"])) for i in items]
-    created_text = created or "-"
-    header = "\n".join([
+    info = ops.checkpoint_info(store, uri)
+    rows = [(i.key, i.kind if i.kind == "bytes" else i.dtype or "-",
+             "-" if i.shape is None else "x".join(map(str, i.shape)) or "scalar",
+             str(i.chunks), _human(i.bytes)) for i in info.items]
+    ranks = info.ranks
+    lines = [
         f"checkpoint  {uri}",
-        f"created     {created_text}",
-        f"writer      {writer}",
+        f"created     {info.created or '-'}",
+        f"writer      {info.writer}",
         f"ranks       {len(ranks)} ({', '.join(map(str, ranks)) if len(ranks) <= 16 else f'{ranks[0]}..{ranks[-1]}'})",
-        f"objects     {len(top)} ({_human(doc['stored_bytes'])} stored)",
-        f"tensors     {doc['tensors']} ({_human(tensor_bytes)}), byte items {doc['byte_items']}",
-        f"checksums   {'CRC32C manifest present' if manifest is not None else 'none (no manifest)'}",
-        "",
-    ])
-    out.result(doc, header + _table(rows, ("KEY", "DTYPE", "SHAPE", "CHUNKS", "BYTES")))
+        f"objects     {info.objects} ({_human(info.stored_bytes)} stored)",
+        f"tensors     {info.tensors} ({_human(info.tensor_bytes)}), byte items {info.byte_items}",
+        f"checksums   {'CRC32C manifest present' if info.checksums else 'none (no manifest)'}",
+    ]
+    if info.missing:
+        lines.append(f"MISSING     {len(info.missing)} referenced object(s), e.g. {info.missing[0]}: "
+                     f"run `cloudckpt verify {uri}`")
+    out.result(info.to_dict(), "\n".join(lines) + "\n\n" + _table(rows, ("KEY", "DTYPE", "SHAPE", "CHUNKS", "BYTES")))
     return EXIT_OK
 
 
@@ -471,307 +351,90 @@ def cmd_verify(args: argparse.Namespace, out: _Out) -> int:
 # -- cp ------------------------------------------------------------------------------------------
 
 
-def _download_to_files(store: Any, jobs: list[tuple[str, str, int]], engine: Any, bar: _Progress,
-                       piece: int) -> dict[str, int]:
-    """Download ``(key, path, size)`` objects into files (via mmap, ranged, in parallel); return CRC32C by path.
-
-    Each file is written as ``path.cloudckpt-partial`` and renamed into place once
-    complete, so an interrupted copy never leaves a plausible-looking file.
-    """
-    from cloudckpt import crc
-
-    maps: list[tuple[str, str, mmap.mmap | None]] = []
-    views: list[memoryview] = []
-    reads: list[tuple[str, int, memoryview]] = []
-    ok = False
-    try:
-        for key, path, size in jobs:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = path + ".cloudckpt-partial"
-            with open(tmp, "wb+") as f:
-                f.truncate(size)
-                mm = mmap.mmap(f.fileno(), size) if size else None
-            maps.append((tmp, path, mm))
-            if mm is not None:
-                base = memoryview(mm)
-                views.append(base)
-                for off in range(0, size, piece):
-                    views.append(base[off:off + piece])
-                    reads.append((key, off, views[-1]))
-        engine.download_ranges(reads, progress=bar)
-        crcs = {path: crc.crc32c(mm) if mm is not None else 0 for _, path, mm in maps}
-        ok = True
-        return crcs
-    finally:
-        # Every view must be released before its mmap can be closed.
-        reads.clear()
-        for v in views:
-            v.release()
-        for tmp, path, mm in maps:
-            if mm is not None:
-                mm.close()
-            if ok:
-                os.replace(tmp, path)
-            elif os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _upload_files(store: Any, jobs: list[tuple[str, str, int]], engine: Any, bar: _Progress) -> dict[str, int]:
-    """Upload ``(path, key, size)`` files (mmapped, zero-copy, multipart); return CRC32C by key."""
-    from cloudckpt.transfer import ObjectUpload
-
-    maps: list[mmap.mmap] = []
-    views: list[memoryview] = []
-    uploads = []
-    try:
-        for path, key, size in jobs:
-            if size:
-                with open(path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-                maps.append(mm)
-                views.append(memoryview(mm))
-                uploads.append(ObjectUpload(key, [views[-1]], size))
-            else:
-                uploads.append(ObjectUpload(key, [b""], 0))
-        done = engine.upload(uploads, progress=bar)
-        return {u.key: u.crc32c for u in done}
-    finally:
-        uploads.clear()
-        for v in views:
-            v.release()
-        for mm in maps:
-            try:
-                mm.close()
-            except BufferError:  # pragma: no cover - a slice kept alive by a failed request
-                pass
-
-
 def cmd_cp(args: argparse.Namespace, out: _Out) -> int:
     """Copy a checkpoint between a bucket and a local directory (or between any two locations)."""
-    from cloudckpt import crc, layout
-    from cloudckpt.errors import CheckpointExistsError, CheckpointNotFoundError, IntegrityError
-    from cloudckpt.transfer import TransferEngine, TransferOptions
+    from cloudckpt import ops
+    from cloudckpt.transfer import TransferOptions
 
     src, sstore = _open(args, args.src)
     dst, dstore = _open(args, args.dst)
-    if str(src) == str(dst):
-        raise CLIError(f"source and destination are the same ({src})", EXIT_USAGE)
-    top, _ = _top_level(sstore, src)
-    if layout.METADATA_NAME not in top:
-        raise CheckpointNotFoundError(
-            f"no committed checkpoint at {src}: {sstore.url(src.key(layout.METADATA_NAME))} does not exist; "
-            f"only committed checkpoints can be copied (see `cloudckpt ls {src}`)"
-        )
-    if not dst.is_local:
-        dstore.check_bucket()
-    dst_meta = dst.key(layout.METADATA_NAME)
-    if dstore.head(dst_meta) is not None:
-        if not args.overwrite:
-            raise CheckpointExistsError(
-                f"a committed checkpoint already exists at {dst}; choose another destination, delete it "
-                f"(`cloudckpt rm {dst}`) or pass --overwrite"
-            )
-        # Un-commit first: an interrupted overwrite must not look like a valid checkpoint.
-        dstore.delete(dst_meta)
-    manifest = _load_manifest(sstore, src)
-    expected = {n: int(o["crc32c"]) for n, o in (manifest or {}).get("objects", {}).items()}
-    names = sorted(n for n in top if n != layout.METADATA_NAME)
-    sizes = {n: top[n].size for n in names}
-    total = sum(sizes.values())
     opts = TransferOptions(max_concurrency=args.max_concurrency,
                            **({"part_size": args.part_size * MiB} if args.part_size else {}))
-    t0 = time.perf_counter()
-    piece = max(opts.part_size, MiB)
-
-    def check(name: str, got: int) -> None:
-        if name in expected and got != expected[name]:
-            raise IntegrityError(
-                f"{sstore.url(src.key(name))} has CRC32C {got:#010x} but its manifest says {expected[name]:#010x}: "
-                "the source object is corrupt; nothing was committed at the destination"
-            )
-
     bar = _Progress("copy", out.progress_enabled)
     try:
-        if dst.is_local:
-            bar.set_total(total)
-            crcs = _download_to_files(sstore, [(src.key(n), dst.key(n), sizes[n]) for n in names],
-                                      TransferEngine(sstore, opts), bar, piece)
-            for n in names:
-                check(n, crcs[dst.key(n)])
-        else:
-            staging = None
-            if src.is_local:
-                local_src = src
-            else:
-                # Cloud to cloud: stage through a local temporary directory.
-                staging = tempfile.TemporaryDirectory(prefix="cloudckpt-cp-")
-                from cloudckpt.uri import parse_uri
-
-                local_src = parse_uri(staging.name)
-                bar.set_total(2 * total)
-                crcs = _download_to_files(sstore, [(src.key(n), local_src.key(n), sizes[n]) for n in names],
-                                          TransferEngine(sstore, opts), bar, piece)
-                for n in names:
-                    check(n, crcs[local_src.key(n)])
-            try:
-                if staging is None:
-                    bar.set_total(total)
-                crcs = _upload_files(dstore, [(local_src.key(n), dst.key(n), sizes[n]) for n in names],
-                                     TransferEngine(dstore, opts), bar)
-            finally:
-                if staging is not None:
-                    staging.cleanup()
-            for n in names:
-                check(n, crcs[dst.key(n)])
+        result = ops.copy_checkpoint(sstore, src, dstore, dst, overwrite=args.overwrite, transfer_options=opts,
+                                     progress=bar, on_total=bar.set_total)
     finally:
         bar.close()
-    if args.overwrite:
-        # Objects of the replaced checkpoint that the new one lacks.
-        dtop, _ = _top_level(dstore, dst)
-        stale = [dtop[n].key for n in dtop if n not in sizes and n != layout.METADATA_NAME and _is_dcp_name(n)]
-        if stale:
-            dstore.delete_many(stale)
-    # The commit: .metadata last, so a partial copy is never a checkpoint.
-    blob = sstore.get(src.key(layout.METADATA_NAME))
-    dstore.put(dst_meta, [blob], crc32c=crc.crc32c(blob), if_absent=not args.overwrite)
-    seconds = time.perf_counter() - t0
-    moved = total + len(blob)
-    doc = {"src": str(src), "dst": str(dst), "objects": len(names) + 1, "bytes": moved, "seconds": round(seconds, 3)}
-    text = None if out.quiet else (f"copied {len(names) + 1} objects ({_human(moved)}) from {src} to {dst} in "
-                                   f"{seconds:.1f} s ({_human(moved / max(seconds, 1e-9))}/s)")
-    out.result(doc, text)
+    text = None if out.quiet else (
+        f"copied {result.objects} objects ({_human(result.bytes)}) from {src} to {dst} in {result.seconds:.1f} s "
+        f"({_human(result.bytes / max(result.seconds, 1e-9))}/s)")
+    out.result(result.to_dict(), text)
     return EXIT_OK
 
 
 # -- rm -------------------------------------------------------------------------------------------
 
 
-def _confirm(question: str) -> bool:
-    try:
-        answer = input(f"{question} [y/N] ")
-    except EOFError:
-        return False
-    return answer.strip().lower() in ("y", "yes")
-
-
 def cmd_rm(args: argparse.Namespace, out: _Out) -> int:
-    """Delete one checkpoint, ``.metadata`` first."""
-    from cloudckpt import layout
-    from cloudckpt.errors import CheckpointNotFoundError
-    from cloudckpt.manager import delete_checkpoint
+    """Delete one checkpoint, commit objects first (asks first; ``--yes`` without a terminal)."""
+    from cloudckpt import ops
 
     uri, store = _open(args, args.uri)
-    top, everything = _top_level(store, uri)
-    uploads = store.list_multipart_uploads(uri.key(""))
-    if not everything and not uploads:
-        raise CheckpointNotFoundError(f"no checkpoint at {uri}: nothing is stored there")
-    if not any(_is_dcp_name(n) for n in top) and everything:
-        children = sorted(_group_children(uri, everything))
-        raise CLIError(
-            f"{uri} is not a checkpoint (it holds {len(children)} prefixes, e.g. {children[0]}/); "
-            "rm deletes one checkpoint at a time: pass a checkpoint URI", EXIT_USAGE)
-    total = sum(i.size for i in everything)
-    committed = layout.METADATA_NAME in top
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise CLIError(f"refusing to delete {uri} without confirmation; pass --yes", EXIT_USAGE)
-        state = "committed checkpoint" if committed else "UNCOMMITTED checkpoint"
-        if not _confirm(f"delete {state} {uri} ({len(everything)} objects, {_human(total)})?"):
-            out.info("nothing deleted")
-            return EXIT_OK
-    delete_checkpoint(store, uri, abort_uploads=True)
-    doc = {"uri": str(uri), "deleted_objects": len(everything), "bytes": total, "committed": committed,
-           "aborted_uploads": len(uploads)}
-    out.result(doc, None if out.quiet else f"deleted {uri} ({len(everything)} objects, {_human(total)})")
+    plan = ops.plan_removal(store, uri)
+    if plan.symlink:
+        what = f"symbolic link {uri} (its target is not touched)"
+    else:
+        state = "committed checkpoint" if plan.committed else "UNCOMMITTED checkpoint"
+        what = f"{state} {uri} ({plan.objects} objects, {_human(plan.bytes)})"
+    if args.dry_run:
+        out.result(dict(plan.to_dict(), dry_run=True), None if out.quiet else f"would delete {what}")
+        return EXIT_OK
+    if not _allowed(args, out, f"delete {what}"):
+        return EXIT_OK
+    ops.remove_checkpoint(store, plan)
+    doc = dict(plan.to_dict(), deleted_objects=plan.objects, aborted_uploads=plan.uploads, dry_run=False)
+    out.result(doc, None if out.quiet else f"deleted {what}")
     return EXIT_OK
 
 
 # -- gc --------------------------------------------------------------------------------------------
 
 
+def _gc_lines(plan: Any, verb_upload: str, verb_ckpt: str) -> list[str]:
+    lines = [f"{verb_upload} incomplete upload of {u.key} (started {_when(u.initiated)})" for u in plan.uploads]
+    lines += [f"{verb_ckpt} uncommitted checkpoint {c.uri} ({c.objects} objects, {_human(c.bytes)}, "
+              f"last written {_when(c.modified)})" for c in plan.checkpoints]
+    if plan.skipped_uploads:
+        lines.append(f"skipped {plan.skipped_uploads} upload(s) whose start time the store does not report")
+    return lines
+
+
 def cmd_gc(args: argparse.Namespace, out: _Out) -> int:
     """Abort stale multipart uploads and delete stale uncommitted checkpoints under a root."""
-    from cloudckpt import layout
-    from cloudckpt.manager import delete_checkpoint
+    from cloudckpt import ops
 
     uri, store = _open(args, args.root)
-    if not uri.is_local:
-        store.check_bucket()
-    now = _dt.datetime.now(_dt.timezone.utc)
-    cutoff = now - _dt.timedelta(seconds=args.older_than)
-
-    def old(t: _dt.datetime | None) -> bool:
-        return t is not None and _utc(t) <= cutoff
-
-    by_child = _uploads_by_child(store, uri)
-    uploads = [u for us in by_child.values() for u in us]
-    stale_uploads = [u for u in uploads if old(u.initiated)]
-    unknown_age = [u for u in uploads if u.initiated is None]
-    _, everything = _top_level(store, uri)
-    stale_ckpts = []
-    for child, objs in sorted(_group_children(uri, everything).items()):
-        direct = {n: i for n, i in objs.items() if "/" not in n}
-        if layout.METADATA_NAME in direct or not any(_is_dcp_name(n) for n in direct):
-            continue  # committed, or not a checkpoint at all
-        # A save still uploading parts is active even if its finished objects are old.
-        times = [i.last_modified for i in objs.values()] + [u.initiated for u in by_child.get(child, [])]
-        if any(t is None for t in times):
-            continue  # some age unknown: never guess that a prefix is abandoned
-        newest = max((_utc(t) for t in times), default=None)
-        if old(newest):
-            stale_ckpts.append({"uri": str(uri.child(child)), "objects": len(objs),
-                                "bytes": sum(i.size for i in objs.values()), "modified": _iso(newest)})
-    lines = []
-    verb = "would abort" if args.dry_run else "aborted"
-    for u in stale_uploads:
-        if not args.dry_run:
-            store.abort_multipart(u.key, u.upload_id)
-        lines.append(f"{verb} incomplete upload of {store.url(u.key)} (started {_when(u.initiated)})")
-    verb = "would delete" if args.dry_run else "deleted"
-    for c in stale_ckpts:
-        if not args.dry_run:
-            from cloudckpt.uri import parse_uri
-
-            delete_checkpoint(store, parse_uri(c["uri"]))
-        lines.append(f"{verb} uncommitted checkpoint {c['uri']} ({c['objects']} objects, {_human(c['bytes'])}, "
-                     f"last written {_when(_dt.datetime.fromisoformat(c['modified']))})")
-    if unknown_age:
-        lines.append(f"skipped {len(unknown_age)} upload(s) whose start time the store does not report")
-    if not lines:
-        lines.append(f"nothing to clean under {uri} (older than {args.older_than:g} s)")
-    doc = {
-        "root": str(uri), "older_than_s": args.older_than, "dry_run": args.dry_run,
-        "aborted_uploads": [{"key": u.key, "upload_id": u.upload_id, "initiated": _iso(u.initiated)}
-                            for u in stale_uploads],
-        "deleted_checkpoints": stale_ckpts,
-        "skipped_uploads": len(unknown_age),
-    }
-    out.result(doc, None if out.quiet and not args.dry_run else "\n".join(lines))
+    plan = ops.plan_gc(store, uri, args.older_than)
+    if args.dry_run or plan.empty:
+        lines = _gc_lines(plan, "would abort", "would delete") or [
+            f"nothing to clean under {uri} (older than {args.older_than:g} s)"]
+        out.result(dict(plan.to_dict(), dry_run=args.dry_run), None if out.quiet and not args.dry_run
+                   else "\n".join(lines))
+        return EXIT_OK
+    question = (f"abort {len(plan.uploads)} upload(s) and delete {len(plan.checkpoints)} uncommitted "
+                f"checkpoint(s) under {uri}")
+    if not (args.yes or args.json or out.quiet):
+        print("\n".join(_gc_lines(plan, "will abort", "will delete")), file=sys.stderr)
+    if not _allowed(args, out, question):
+        return EXIT_OK
+    done = ops.run_gc(store, plan)
+    lines = _gc_lines(done, "aborted", "deleted") or [f"nothing to clean under {uri}"]
+    out.result(dict(done.to_dict(), dry_run=False), None if out.quiet else "\n".join(lines))
     return EXIT_OK
 
 
-# -- bench and demo ---------------------------------------------------------------------------------
-
-
-def _find_benchmarks() -> bool:
-    # `python -m benchmarks.run` searches the working directory first, then sys.path.
-    spec = importlib.machinery.PathFinder.find_spec("benchmarks", [os.getcwd(), *sys.path])
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return any(os.path.exists(os.path.join(d, "run.py")) for d in spec.submodule_search_locations)
-
-
-def cmd_bench(args: argparse.Namespace, out: _Out) -> int:
-    """Run ``python -m benchmarks.run`` with the remaining arguments."""
-    if not _find_benchmarks():
-        raise CLIError(
-            "the benchmarks are not installed with the package; run them from a source checkout: "
-            "`git clone <cloudckpt repository> && cd cloudckpt && pip install -e '.[all,bench]' && "
-            "cloudckpt bench` (or `python -m benchmarks.run --help`)", EXIT_NOT_FOUND)
-    passthrough = list(args.bench_args)
-    if passthrough[:1] == ["--"]:
-        passthrough = passthrough[1:]
-    return subprocess.call([sys.executable, "-m", "benchmarks.run", *passthrough])
+# -- demo ---------------------------------------------------------------------------------------------
 
 
 def cmd_demo(args: argparse.Namespace, out: _Out) -> int:
@@ -852,15 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rm", cmd_rm, "delete a checkpoint (.metadata first, so it is never half-committed)")
     p.add_argument("uri")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation (required without a TTY)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, change nothing")
 
     p = command("gc", cmd_gc, "abort stale multipart uploads and delete stale uncommitted checkpoints under ROOT")
     p.add_argument("root")
     p.add_argument("--older-than", type=parse_duration, default=24 * 3600.0, metavar="AGE",
                    help="only touch things at least this old: 30m, 2h, 7d, 0s (default 24h)")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation (required without a TTY)")
     p.add_argument("--dry-run", action="store_true", help="list what would be done, change nothing")
-
-    p = command("bench", cmd_bench, "run the benchmarks (python -m benchmarks.run ARGS) from a source checkout")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run")
 
     p = command("demo", cmd_demo, "train, checkpoint asynchronously, crash, resume and verify, on an embedded "
                                   "S3 server (or --uri / AWS_ENDPOINT_URL)")
@@ -873,28 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_bench(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    # Everything after `bench` belongs to benchmarks.run, even options argparse would claim.
-    for i, tok in enumerate(argv):
-        if tok == "bench":
-            return argv[:i + 1], argv[i + 1:]
-        if not tok.startswith("-"):
-            # A command other than bench (or a value of a global option): stop looking
-            # once we pass the first positional that is not an option value.
-            if i > 0 and argv[i - 1] in ("--endpoint-url", "--region", "--project"):
-                continue
-            return argv, None
-    return argv, None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cloudckpt`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    head, bench_args = _split_bench(argv)
     parser = build_parser()
-    args = parser.parse_args(head)  # exits 2 on usage errors
-    if bench_args is not None:
-        args.bench_args = bench_args
+    args = parser.parse_args(argv)  # exits 2 on usage errors
     from cloudckpt.errors import CloudCheckpointError
 
     out = _Out(json=args.json, quiet=args.quiet, force_progress=args.progress)
@@ -910,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc) or type(exc).__name__
         if code == EXIT_MISSING and "pip install" not in message:
             message = f"{message} (a package this command needs is not installed: pip install 'cloudckpt[all]')"
+        elif code == EXIT_LOCAL_FS and isinstance(exc, OSError) and not isinstance(exc, CloudCheckpointError):
+            message = (f"{message} (the local file system refused the operation: check free space, quota, "
+                       "permissions and the path)")
         elif code == EXIT_UNEXPECTED and not isinstance(exc, (CLIError, CloudCheckpointError)):
             message = f"unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
         if args.debug:

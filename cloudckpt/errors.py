@@ -71,6 +71,18 @@ class UnsafeMetadataError(CloudCheckpointError):
     """A ``.metadata`` object tried to unpickle something outside the DCP allow-list."""
 
 
+class NotACheckpointError(InvalidURIError):
+    """A destructive command was pointed at a prefix that is not a checkpoint (see ``layout.checkpoint_state``)."""
+
+
+class IncompleteCheckpointError(IntegrityError):
+    """An object a checkpoint's ``.metadata`` refers to is missing or shorter than the items stored in it."""
+
+
+class UnsafeDestinationError(CloudCheckpointError):
+    """A local destination holds a symbolic link or a file where a copy must create a directory."""
+
+
 class CheckpointInProgressError(CloudCheckpointError):
     """A save was requested while the executor's previous upload is still running."""
 

@@ -20,12 +20,12 @@ import struct
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from cloudckpt.errors import UnsupportedTensorError
+from cloudckpt.errors import UnsafeMetadataError, UnsupportedTensorError
 
 __all__ = [
     "METADATA_NAME",
@@ -41,6 +41,14 @@ __all__ = [
     "is_commit_name",
     "is_manifest_name",
     "is_checkpoint_object_name",
+    "COMMIT_OBJECT_NAMES",
+    "COMMITTED",
+    "UNCOMMITTED",
+    "checkpoint_state",
+    "commit_objects",
+    "MAX_NAME_BYTES",
+    "MAX_KEY_BYTES",
+    "check_relative_path",
     "step_name",
     "parse_step_name",
     "FramedItem",
@@ -158,6 +166,100 @@ def is_manifest_name(name: str) -> bool:
 def is_checkpoint_object_name(name: str) -> bool:
     """True for a name DCP or cloudckpt writes directly inside a checkpoint prefix."""
     return is_commit_name(name) or is_manifest_name(name) or _DATA_RE.match(name) is not None
+
+
+# -- what a checkpoint is ------------------------------------------------------------------
+#
+# The one definition every command, the manager and retention use. A prefix is
+# a *committed* checkpoint iff it holds ``.metadata`` or the rank-local commit
+# ``__0.metadata`` (written with ``use_collectives=False``; DCP's own overwrite
+# check looks at it). It is an *uncommitted* checkpoint (a save in progress or a
+# failed one) only if every object directly in it is a name DCP or cloudckpt
+# writes and it holds data objects or a manifest. Anything else (a dataset
+# folder with ``eval.metadata``, an empty prefix) is not a checkpoint at all.
+
+#: The objects whose presence commits a checkpoint, in the order they are looked for.
+COMMIT_OBJECT_NAMES = (METADATA_NAME, f"__0{METADATA_NAME}")
+COMMITTED = "committed"
+UNCOMMITTED = "uncommitted"
+
+
+def checkpoint_state(names: Iterable[str]) -> str | None:
+    """:data:`COMMITTED`, :data:`UNCOMMITTED` or None (not a checkpoint) for a prefix.
+
+    ``names`` are the objects *directly* in the prefix (relative names; names
+    holding a ``/`` lie in sub-folders and are ignored here). Pure: no I/O.
+    """
+    direct = {n for n in names if "/" not in n}
+    if any(n in direct for n in COMMIT_OBJECT_NAMES):
+        return COMMITTED
+    if not direct or not all(is_checkpoint_object_name(n) for n in direct):
+        return None
+    if any(_DATA_RE.match(n) or is_manifest_name(n) for n in direct):
+        return UNCOMMITTED
+    return None
+
+
+def commit_objects(names: Iterable[str]) -> list[str]:
+    """The commit objects among ``names`` (direct ones), in the order a copy writes them.
+
+    Rank-local ``__{rank}.metadata`` of ranks other than 0 first (they commit
+    nothing), then ``__0.metadata``, then ``.metadata``: the objects that make
+    a prefix a committed checkpoint come last.
+    """
+    found = [n for n in set(names) if "/" not in n and is_commit_name(n)]
+
+    def order(n: str) -> tuple[int, int]:
+        if n == METADATA_NAME:
+            return (2, 0)
+        m = _RANK_METADATA_RE.match(n)
+        rank = int(m.group(1)) if m else 0
+        return (1, 0) if rank == 0 else (0, rank)
+
+    return sorted(found, key=order)
+
+
+#: The longest name component any common file system stores (bytes, UTF-8).
+MAX_NAME_BYTES = 255
+#: The longest object name inside a checkpoint (S3's key limit is 1024 bytes).
+MAX_KEY_BYTES = 1024
+
+
+def check_relative_path(name: Any, where: str) -> str:
+    """``name`` if it is a safe object name relative to a checkpoint, else UnsafeMetadataError.
+
+    Safe: a non-empty ``str`` of ``/``-separated components, none empty, ``.``
+    or ``..``, no control characters or backslashes, not absolute, each
+    component at most :data:`MAX_NAME_BYTES` and the whole at most
+    :data:`MAX_KEY_BYTES` in UTF-8. Such a name stays inside the checkpoint on
+    every backend and can be created as a local file. ``where`` names the
+    object the name came from (for the message).
+    """
+    def bad(why: str) -> UnsafeMetadataError:
+        return UnsafeMetadataError(
+            f"{where} names object {name!r}, which {why}; a checkpoint only refers to objects inside itself. "
+            "The checkpoint may have been tampered with: restore it from a trusted copy")
+
+    if not isinstance(name, str) or not name:
+        raise bad("is not a non-empty string")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise bad("contains control characters")
+    if "\\" in name:
+        raise bad("contains a backslash")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise bad("is an absolute path")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeError:
+        raise bad("is not valid UTF-8") from None
+    if len(encoded) > MAX_KEY_BYTES:
+        raise bad(f"is longer than {MAX_KEY_BYTES} bytes")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise bad("has an empty, '.' or '..' path component")
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise bad(f"has a component longer than {MAX_NAME_BYTES} bytes")
+    return name
 
 
 def step_name(step: int) -> str:

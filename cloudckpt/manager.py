@@ -17,7 +17,8 @@ order. When listing, any ``step-<digits>`` prefix is accepted and its integer
 parsed, so checkpoints written as ``step-1500`` by other tools (torchtitan's
 naming) are found, loaded and retained too.
 
-A checkpoint counts only once it is committed (its ``.metadata`` exists):
+A checkpoint counts only once it is committed (its ``.metadata``, or the
+rank-local ``__0.metadata``, exists; see :func:`cloudckpt.layout.checkpoint_state`):
 :meth:`CheckpointManager.latest`, :meth:`~CheckpointManager.steps` and
 :meth:`~CheckpointManager.load` never see a half-written one.
 
@@ -35,7 +36,6 @@ import dataclasses
 import hashlib
 import itertools
 import logging
-import shutil
 import signal
 import threading
 import time
@@ -49,8 +49,9 @@ from cloudckpt.errors import (
     CheckpointNotFoundError,
     CloudCheckpointError,
     DeadlineExceededError,
-    InvalidURIError,
 )
+from cloudckpt.ops import delete_checkpoint, is_committed
+from cloudckpt.options import split_options
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.uri import StorageURI, parse_uri
 from cloudckpt.writer import GCSStorageWriter, LocalStorageWriter, S3StorageWriter
@@ -68,11 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Options only the writer takes; everything not listed here or in _READER_KEYS configures the store.
-_WRITER_KEYS = frozenset({"part_size", "max_concurrency", "overwrite", "target_object_size", "transfer_options"})
-#: Options only the reader takes.
-_READER_KEYS = frozenset({"max_concurrency", "read_gap_threshold", "transfer_options", "verify"})
 
 
 def _check_step(step: Any) -> int:
@@ -140,13 +136,9 @@ def step_prefixes(store: ObjectStore, root: StorageURI) -> dict[int, list[Storag
     return out
 
 
-def _is_committed(store: ObjectStore, uri: StorageURI) -> bool:
-    return store.head(uri.key(layout.METADATA_NAME)) is not None
-
-
 def _committed_uri(store: ObjectStore, uris: Sequence[StorageURI]) -> StorageURI | None:
     for uri in uris:
-        if _is_committed(store, uri):
+        if is_committed(store, uri):
             return uri
     return None
 
@@ -163,39 +155,15 @@ def committed_steps(store: ObjectStore, root: StorageURI,
     return {s: u for s, u in sorted(found.items()) if u is not None}
 
 
-def delete_checkpoint(store: ObjectStore, uri: StorageURI, *, abort_uploads: bool = False) -> int:
-    """Delete every object of the checkpoint at ``uri``, ``.metadata`` first; return how many.
-
-    Deleting ``.metadata`` first un-commits the checkpoint, so a deletion that
-    stops half-way leaves an uncommitted prefix (which ``cloudckpt gc`` removes)
-    rather than a committed checkpoint with missing data. Every object under
-    the prefix goes, not only the ones DCP wrote.
-    """
-    if uri.is_local and uri.prefix.rstrip("/") == "":
-        raise InvalidURIError("refusing to delete a filesystem root")
-    if not uri.is_local and not uri.prefix:
-        raise InvalidURIError(f"refusing to delete a whole bucket ({uri}); name a checkpoint prefix")
-    base = uri.key("")
-    meta = uri.key(layout.METADATA_NAME)
-    store.delete(meta)
-    keys = [o.key for o in store.list(base) if o.key != meta]
-    if keys:
-        store.delete_many(keys)
-    if abort_uploads:
-        for u in store.list_multipart_uploads(base):
-            store.abort_multipart(u.key, u.upload_id)
-    if uri.is_local:
-        # Local "prefixes" are directories: remove the now-empty tree too.
-        shutil.rmtree(uri.prefix, ignore_errors=True)
-    return len(keys) + 1
-
-
 def apply_retention(store: ObjectStore, root: StorageURI, policy: RetentionPolicy,
                     protect: Iterable[int] = ()) -> list[int]:
     """Delete the committed checkpoints under ``root`` that ``policy`` does not keep; return their steps.
 
-    Uncommitted prefixes (saves in progress, failed saves) are never candidates:
-    ``cloudckpt gc`` removes those once they are old enough.
+    Uncommitted prefixes (saves in progress, failed saves) are never candidates,
+    not even one that shares a doomed step's number (``step-5`` beside a
+    committed ``step-0000000005``): ``cloudckpt gc`` removes those once they
+    are old enough. A symlinked local step directory is unlinked, never its
+    target's contents.
     """
     if not policy.active:
         return []
@@ -203,7 +171,8 @@ def apply_retention(store: ObjectStore, root: StorageURI, policy: RetentionPolic
     doomed = policy.doomed(committed_steps(store, root, dirs), protect)
     for s in doomed:
         for uri in dirs[s]:
-            delete_checkpoint(store, uri)
+            if is_committed(store, uri):
+                delete_checkpoint(store, uri)
         log.info("cloudckpt: retention deleted step %d under %s", s, root)
     return doomed
 
@@ -387,12 +356,12 @@ class CheckpointManager:
             does). Leave a few seconds of the platform's grace period for exiting.
         preemption_margin: how many steps after the step at which a rank saw
             the notice every rank stops (see :class:`~cloudckpt.preemption.StepAgreement`).
-        **writer_options: ``part_size``, ``max_concurrency``, ``overwrite``,
-            ``target_object_size``, ``transfer_options`` go to the writer;
-            ``max_concurrency``, ``read_gap_threshold``, ``verify``,
-            ``transfer_options`` to the reader; the rest (``endpoint_url``,
-            ``region``, ``project``, client options) configure the object store
-            for saves, loads, listing and deletion.
+        **writer_options: routed by the table in :mod:`cloudckpt.options`:
+            writer options (``part_size``, ``overwrite``, ``prefix_strategy``, ...)
+            go to the writer, reader options (``verify``, ``allow_pickle``, ...)
+            to the reader, and store options (``endpoint_url``, ``region``,
+            ``project``, client options) to the object store of saves, loads,
+            listing and deletion. An option no component takes is a TypeError.
 
     Retention runs only after a commit, only on rank 0, and never deletes the
     newest committed checkpoint, the one just written, or any uncommitted
@@ -424,11 +393,10 @@ class CheckpointManager:
         self.root = parse_uri(root_uri)
         self.executor = executor
         self.process_group = process_group
-        self.store_options = {k: v for k, v in writer_options.items() if k not in _WRITER_KEYS | _READER_KEYS}
-        self.writer_options = dict(self.store_options,
-                                   **{k: v for k, v in writer_options.items() if k in _WRITER_KEYS})
-        self.reader_options = dict(self.store_options,
-                                   **{k: v for k, v in writer_options.items() if k in _READER_KEYS})
+        routed = split_options(writer_options)
+        self.store_options = dict(routed.store)
+        self.writer_options = dict(routed.writer)
+        self.reader_options = dict(routed.reader)
         self._store: ObjectStore | None = None
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()

@@ -11,6 +11,7 @@ and by tests/test_demo.py. Independent invocations run side by side.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import os
 import subprocess
@@ -218,7 +219,7 @@ def test_s3_every_command_end_to_end(moto_server, tmp_path, request):
 
     rm, gc = run_all(
         ("rm", f"{root}/step-0000000002", "--yes", "--json", *ep),
-        ("gc", root, "--older-than", "0s", *ep),
+        ("gc", root, "--older-than", "0s", "--yes", *ep),
     )
     assert rm.rc == 0 and rm.doc["committed"] and rm.doc["deleted_objects"] == 3, rm
     assert backend.keys(f"{root}/step-0000000002") == []
@@ -264,16 +265,11 @@ def test_cp_stock_dcp_dir_to_gcs_and_gc_spares_recent(gcs_server, tmp_path, requ
     assert store.head(active.key("__0_0.distcp")) is not None
 
 
-def test_bench_passes_its_arguments_to_benchmarks_run():
-    r = run_cli("bench", "--help")  # benchmarks.run itself runs in a fresh interpreter
-    assert r.rc == 0, r
-    assert "python -m benchmarks.run" in r.out and "--total-mib" in r.out
-
-
-def test_bench_outside_a_checkout_says_where_to_run_it(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_find_benchmarks", lambda: False)
-    assert cli.main(["bench"]) == cli.EXIT_NOT_FOUND
-    assert "source checkout" in capsys.readouterr().err
+def test_bench_is_not_a_command(capsys):
+    # The benchmarks run from a source checkout only: `python -m benchmarks.run`.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == cli.EXIT_USAGE and "invalid choice: 'bench'" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys, tmp_path):
@@ -302,3 +298,95 @@ def test_exit_codes_and_durations():
         0, 90, 1800, 7200, 7 * 86400, 7 * 86400]
     with pytest.raises(Exception, match="invalid duration"):
         cli.parse_duration("soon")
+
+
+# -- in-process invocations over every backend ---------------------------------------------------------------
+
+
+def _ep(backend: Any) -> list[str]:
+    return ["--endpoint-url", backend.endpoint] if backend.endpoint else []
+
+
+def _json(capsys: Any, argv: list[str], code: int = 0) -> Any:
+    capsys.readouterr()
+    got = cli.main(argv)
+    captured = capsys.readouterr()
+    assert got == code, captured
+    return json.loads(captured.out) if captured.out.strip() else None
+
+
+class _Terminal(io.StringIO):
+    """Typed answers on a stdin that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_rm_and_gc_ask_on_a_terminal_and_need_yes_without_one(backend, monkeypatch, capsys):
+    root = backend.uri("run")
+    cloudckpt.save(small_state(1), f"{root}/step-0000000001", **backend.options)
+    store = backend.store()
+    stale = parse_uri(root).child("step-0000000002").key("__0_0.distcp")
+    store.put(stale, [b"half"], crc32c=crc.crc32c(b"half"))
+    ck = f"{root}/step-0000000001"
+    ep = _ep(backend)
+    # No terminal, no --yes: refused with a usage error, nothing deleted.
+    assert cli.main(["rm", ck, *ep]) == cli.EXIT_USAGE
+    assert cli.main(["gc", root, "--older-than", "0s", *ep]) == cli.EXIT_USAGE
+    assert "--yes" in capsys.readouterr().err
+    # --dry-run needs no confirmation and changes nothing.
+    assert _json(capsys, ["rm", ck, "--dry-run", "--json", *ep])["dry_run"] is True
+    gc_dry = _json(capsys, ["gc", root, "--older-than", "0s", "--dry-run", "--json", *ep])
+    assert [c["uri"] for c in gc_dry["deleted_checkpoints"]] == [f"{root}/step-0000000002"]
+    assert store.head(stale) is not None and store.head(parse_uri(ck).key(".metadata")) is not None
+    # On a terminal: "n" keeps, "y" deletes.
+    monkeypatch.setattr("sys.stdin", _Terminal("n\nn\ny\nyes\n"))
+    assert cli.main(["rm", ck, *ep]) == 0 and cli.main(["gc", root, "--older-than", "0s", *ep]) == 0
+    assert store.head(stale) is not None and store.head(parse_uri(ck).key(".metadata")) is not None
+    assert cli.main(["gc", root, "--older-than", "0s", *ep]) == 0
+    assert store.head(stale) is None
+    assert cli.main(["rm", ck, *ep]) == 0
+    assert backend.keys(ck) == []
+    err = capsys.readouterr().err
+    assert "delete committed checkpoint" in err and "[y/N]" in err and "will delete uncommitted" in err
+
+
+def test_cli_gc_keeps_rank_local_commit_and_other_prefixes(backend, capsys):
+    import torch.distributed.checkpoint as dcp
+
+    root = backend.uri("run")
+    writer = cloudckpt.storage_writer(f"{root}/step-0000000003", **backend.options)
+    dcp.save(small_state(3), storage_writer=writer, no_dist=True, use_collectives=False)
+    store = backend.store()
+    dataset = parse_uri(root).child("eval-data")
+    store.put(dataset.key("eval.metadata"), [b"labels"], crc32c=crc.crc32c(b"labels"))
+    ep = _ep(backend)
+    listed = _json(capsys, ["ls", root, "--json", *ep])
+    kinds = {e["name"]: (e["kind"], e["committed"]) for e in listed["checkpoints"]}
+    assert kinds == {"step-0000000003": ("checkpoint", True), "eval-data": ("prefix", None)}
+    gc = _json(capsys, ["gc", root, "--older-than", "0s", "--yes", "--json", *ep])
+    assert gc["deleted_checkpoints"] == []
+    assert cli.main(["rm", str(dataset), "--yes", *ep]) == cli.EXIT_USAGE  # not a checkpoint
+    assert store.head(dataset.key("eval.metadata")) is not None
+    got = target_like(small_state(3))
+    cloudckpt.load(got, f"{root}/step-0000000003", **backend.options)
+    assert_loaded_equal(small_state(3), got)
+
+
+def test_cli_nested_layout_info_ls_and_cp(backend, tmp_path, capsys):
+    from tests.test_ops import nested_checkpoint, state, target
+
+    src = backend.uri("nested", "step-0000000004")
+    backend.upload(nested_checkpoint(tmp_path, 4), src)
+    ep = _ep(backend)
+    info = _json(capsys, ["info", src, "--json", *ep])
+    assert info["ranks"] == [0] and info["objects"] == 2 and info["missing"] == []
+    listed = _json(capsys, ["ls", src, "--json", *ep])
+    assert {o["name"] for o in listed["objects"]} == {".metadata", "0000000000/epoch_3/__0_0.distcp"}
+    assert listed["bytes"] == info["stored_bytes"]
+    local = str(tmp_path / "copied")
+    cp = _json(capsys, ["cp", src, local, "--json", *ep])
+    assert cp["objects"] == 2
+    got = target()
+    cloudckpt.load(got, local)
+    assert torch.equal(got["w"], state(4)["w"]) and got["step"] == 4

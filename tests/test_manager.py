@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -168,3 +169,74 @@ def test_process_executor_retains_in_its_child(tmp_path):
         target = {"w": torch.empty(1000)}
         assert CheckpointManager(str(tmp_path / "run")).load(target) == 3
         assert torch.equal(target["w"], torch.full((1000,), 3.0))
+
+
+def test_retention_keeps_in_progress_unpadded_step(backend):
+    # step-5 (another tool's naming, or a save in progress) shares its number with the committed
+    # step-0000000005 that retention deletes: only the committed prefix may go.
+    root = backend.uri("run")
+    store = backend.store()
+    in_progress = parse_uri(root).child("step-5").key("__0_0.distcp")
+    with CheckpointManager(root, keep_last=1, **backend.options) as mgr:
+        mgr.save({"w": torch.ones(4)}, 5)
+        store.put(in_progress, [b"uploading"], crc32c=crc.crc32c(b"uploading"))
+        mgr.save({"w": torch.ones(4)}, 6)
+        assert mgr.steps() == [6]
+    assert store.head(in_progress) is not None
+    assert backend.keys(f"{root}/step-0000000005") == []
+
+
+def test_retention_does_not_follow_symlinked_step(tmp_path):
+    import os
+
+    outside = tmp_path / "outside"
+    with CheckpointManager(str(outside)) as elsewhere:
+        elsewhere.save({"w": torch.ones(4)}, 1)
+    target = outside / step_name(1)
+    before = sorted(os.listdir(target))
+    root = tmp_path / "run"
+    root.mkdir()
+    os.symlink(target, root / step_name(1))
+    with CheckpointManager(str(root), keep_last=1) as mgr:
+        assert mgr.steps() == [1]
+        mgr.save({"w": torch.zeros(4)}, 2)
+        assert mgr.steps() == [2]
+    assert not os.path.lexists(root / step_name(1))  # the link is gone ...
+    assert sorted(os.listdir(target)) == before  # ... its target untouched
+    os.symlink(target, root / step_name(1))
+    with CheckpointManager(str(root)) as mgr:
+        mgr.delete(1)
+    assert sorted(os.listdir(target)) == before
+
+
+def test_manager_accepts_prefix_strategy(tmp_path):
+    root = str(tmp_path / "run")
+    mgr = CheckpointManager(root, prefix_strategy="hash", verify=True)
+    assert mgr.steps() == [] and mgr.latest() is None  # raised TypeError before
+    assert mgr.writer_options == {"prefix_strategy": "hash"}
+    assert mgr.reader_options == {"verify": True} and mgr.store_options == {}
+    routed = CheckpointManager(root, allow_pickle=False, endpoint_url="http://127.0.0.1:1")
+    assert routed.reader_options == {"allow_pickle": False, "endpoint_url": "http://127.0.0.1:1"}
+    assert routed.writer_options == routed.store_options == {"endpoint_url": "http://127.0.0.1:1"}
+    mgr.save({"w": torch.arange(6.0)}, 3)
+    names = os.listdir(os.path.join(root, step_name(3)))
+    assert any(n.endswith(".distcp") and "-__0_" in n for n in names), names  # the hash tag is in front
+    target = {"w": torch.zeros(6)}
+    assert mgr.load(target) == 3 and torch.equal(target["w"], torch.arange(6.0))
+    mgr.close()
+    with pytest.raises(TypeError, match="'prefix_stratgy'"):
+        CheckpointManager(root, prefix_stratgy="hash")
+
+
+def test_manager_sees_a_rank_local_commit(backend):
+    import torch.distributed.checkpoint as dcp
+
+    import cloudckpt
+
+    root = backend.uri("run")
+    writer = cloudckpt.storage_writer(f"{root}/{step_name(8)}", **backend.options)
+    dcp.save({"w": torch.full((3,), 8.0)}, storage_writer=writer, no_dist=True, use_collectives=False)
+    with CheckpointManager(root, keep_last=1, **backend.options) as mgr:
+        assert mgr.steps() == [8] and mgr.latest() == 8
+        mgr.save({"w": torch.full((3,), 9.0)}, 9)
+        assert mgr.steps() == [9]  # retention knows the rank-local form as committed, too

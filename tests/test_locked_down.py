@@ -355,6 +355,12 @@ def test_directory_bucket_session_auth_no_md5_unordered_listing(moto_server: Any
             assert r.query.get("prefix", "/").endswith("/"), r.query
         if r.op in ("PutObject", "UploadPart"):
             assert r.headers.get("x-amz-checksum-crc32c"), r.op
+    # Directory buckets need part numbers 1..N without gaps.
+    parts: dict[str, list[int]] = {}
+    for r in reqs:
+        if r.op == "UploadPart":
+            parts.setdefault(r.query["uploadId"], []).append(int(r.query["partNumber"]))
+    assert parts and all(sorted(n) == list(range(1, len(n) + 1)) for n in parts.values()), parts
 
 
 # -- GCS ---------------------------------------------------------------------------------

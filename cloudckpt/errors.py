@@ -99,6 +99,14 @@ class DeadlineExceededError(TransferError):
     """A save's uploads did not finish within ``TransferOptions.save_deadline``; nothing was committed."""
 
 
+class InvalidStoreOptionError(CloudCheckpointError, ValueError):
+    """A store option has a value the bucket or cloudckpt cannot use (e.g. ``sse_kms_key_id`` without SSE-KMS)."""
+
+
+class UnknownStoreOptionError(CloudCheckpointError, TypeError):
+    """A store option (or a value's type) is not one the backend knows; a misspelt name, usually."""
+
+
 class UnpicklableWriterError(CloudCheckpointError, TypeError):
     """A writer or planner cannot be sent to the checkpoint process because it holds live state (a client)."""
 

@@ -27,6 +27,10 @@ _S3_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # GCS allows underscores and, for dotted names, up to 222 characters.
 _GCS_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+# S3 Express One Zone directory buckets: BASE--ZONE-ID--x-s3 (e.g. ckpt--usw2-az1--x-s3), no dots.
+_S3_DIRECTORY_BUCKET_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?--[a-z0-9]+(?:-[a-z0-9]+)+--x-s3$")
+# Prefixes and suffixes S3 reserves for access points, aliases and other bucket types.
+_S3_RESERVED = (("xn--", "sthree-", "amzn-s3-demo-"), ("-s3alias", "--ol-s3", "--table-s3"))
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,19 @@ def _validate_bucket(scheme: str, bucket: str, uri: str) -> None:
     if not bucket:
         raise InvalidURIError(
             f"checkpoint URI {uri!r} has no bucket name; write it as {scheme}://BUCKET/PREFIX"
+        )
+    if scheme == "s3" and bucket.endswith("--x-s3"):
+        if len(bucket) > 63 or not _S3_DIRECTORY_BUCKET_RE.match(bucket):
+            raise InvalidURIError(
+                f"invalid directory bucket name {bucket!r} in checkpoint URI {uri!r}: S3 Express One Zone bucket "
+                "names are BASE--ZONE-ID--x-s3 (e.g. ckpt--usw2-az1--x-s3), at most 63 characters of lowercase "
+                "letters, digits and '-', no dots"
+            )
+        return
+    if scheme == "s3" and (bucket.startswith(_S3_RESERVED[0]) or bucket.endswith(_S3_RESERVED[1])):
+        raise InvalidURIError(
+            f"invalid bucket name {bucket!r} in checkpoint URI {uri!r}: S3 reserves the prefixes "
+            f"{', '.join(_S3_RESERVED[0])} and the suffixes {', '.join(_S3_RESERVED[1])} for other resource types"
         )
     pattern = _S3_BUCKET_RE if scheme == "s3" else _GCS_BUCKET_RE
     bad = not pattern.match(bucket) or ".." in bucket or _IPV4_RE.match(bucket)

@@ -31,6 +31,7 @@ import argparse
 import base64
 import bisect
 import collections
+import contextlib
 import datetime as _dt
 import email.utils
 import hashlib
@@ -45,11 +46,11 @@ import time
 import uuid
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.sax.saxutils import escape as _xml_escape
 
-__all__ = ["GCSEmulator", "gcs_client"]
+__all__ = ["GCSEmulator", "RecordedRequest", "gcs_client"]
 
 _Bytes = Union[bytes, bytearray, memoryview]
 
@@ -304,6 +305,23 @@ class _Resumable:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the emulator received it (see :meth:`GCSEmulator.record`)."""
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]  # names lower-cased
+
+    @property
+    def op(self) -> str:
+        """The operation's name (``gcs.upload.multipart``, ``gcs.xml.mpu.init``...)."""
+        from cloudckpt_testing.faultproxy import classify
+
+        return classify(self.method, self.path, dict(self.query), dict(self.headers), api="gcs")
+
+
 class _State:
     """Everything the server stores, behind one lock."""
 
@@ -316,6 +334,8 @@ class _State:
         self._seq = 0
         self.counts: collections.Counter[str] = collections.Counter()
         self.counts_lock = threading.Lock()
+        # Requests are recorded only inside GCSEmulator.record(): the server is shared by a session.
+        self.recordings: list[list[RecordedRequest]] = []
 
     def reset(self) -> None:
         with self.lock:
@@ -323,6 +343,11 @@ class _State:
             self.sessions.clear()
         with self.counts_lock:
             self.counts.clear()
+
+    def record(self, request: RecordedRequest) -> None:
+        with self.counts_lock:
+            for recording in self.recordings:
+                recording.append(request)
 
     def count(self, op: str) -> None:
         with self.counts_lock:
@@ -585,6 +610,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        if self.state.recordings:
+            self.state.record(RecordedRequest(method, url.path, query,
+                                              {k.lower(): v for k, v in self.headers.items()}))
         segs = url.path.split("/")[1:]
         xml = False
         try:
@@ -1639,6 +1667,18 @@ class GCSEmulator:
         """A snapshot of how many requests each operation (e.g. ``xml.mpu.part``) got."""
         with self._state.counts_lock:
             return collections.Counter(self._state.counts)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[list[RecordedRequest]]:
+        """Record every request received inside the ``with`` block into the yielded list."""
+        recording: list[RecordedRequest] = []
+        with self._state.counts_lock:
+            self._state.recordings.append(recording)
+        try:
+            yield recording
+        finally:
+            with self._state.counts_lock:
+                self._state.recordings = [r for r in self._state.recordings if r is not recording]
 
     def start(self) -> "GCSEmulator":
         """Bind and serve in a daemon thread; returns self."""

@@ -48,6 +48,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
+from cloudckpt.store.options import GCSRequestOptions
 
 __all__ = ["GCSStore"]
 
@@ -192,6 +193,9 @@ class GCSStore(ObjectStore):
         unreachable_timeout: shortcut for ``retry_policy.unreachable_timeout``:
             give up after this many seconds if no connection can be made at all
             (bounds how long a wrong endpoint takes to fail).
+        kms_key_name, user_project, storage_class: options for locked-down
+            buckets (CMEK, requester pays), sent on every request that needs
+            them (see :class:`~cloudckpt.store.options.GCSRequestOptions`).
     """
 
     scheme = "gs"
@@ -211,8 +215,13 @@ class GCSStore(ObjectStore):
         retry_policy: Optional[RetryPolicy] = None,
         retry_timeout: Optional[float] = None,
         unreachable_timeout: Optional[float] = None,
+        kms_key_name: Optional[str] = None,
+        user_project: Optional[str] = None,
+        storage_class: Optional[str] = None,
     ) -> None:
         super().__init__(bucket)
+        self.request_options = GCSRequestOptions(kms_key_name=kms_key_name, user_project=user_project,
+                                                 storage_class=storage_class)
         if client is not None:
             project = project or getattr(client, "project", None)
             if endpoint_url is None:
@@ -302,7 +311,14 @@ class GCSStore(ObjectStore):
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.max_pool_connections)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
-        return storage.Client(project=project, credentials=credentials, _http=session, client_options=options)
+        client = storage.Client(project=project, credentials=credentials, _http=session, client_options=options)
+        # google-cloud-storage 3.x fetches bucket metadata (buckets.get) in a background
+        # thread for trace attributes. That request carries no userProject, so it is
+        # refused on requester-pays buckets, and it needs storage.buckets.get, which
+        # object-only roles lack: switch it off for cloudckpt's client.
+        if getattr(client, "_bucket_metadata_cache", None) is not None:
+            client._bucket_metadata_cache = None
+        return client
 
     def close(self) -> None:
         """Drop this process's client and its connection pool (rebuilt on next use)."""
@@ -312,6 +328,10 @@ class GCSStore(ObjectStore):
                 cached[1]._http.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
+
+    def _bucket(self) -> Any:
+        """The client's Bucket, carrying ``user_project`` into every JSON API call made through it."""
+        return self.client.bucket(self.bucket, user_project=self.request_options.user_project)
 
     @property
     def _session(self) -> Any:
@@ -423,6 +443,7 @@ class GCSStore(ObjectStore):
                 return AccessDeniedError(
                     f"access denied trying to {action} {where} (HTTP {status}); check that the credentials "
                     "have storage.objects.create/get/list/delete on the bucket (e.g. roles/storage.objectAdmin)"
+                    + self.request_options.denied_hint()
                 )
             if status == 412:
                 return PreconditionFailedError(f"{where} already exists (conditional {action} refused)")
@@ -509,7 +530,7 @@ class GCSStore(ObjectStore):
         # anyway; buckets.get would wrongly fail for object-only IAM roles.
         def call() -> None:
             it = self.client.list_blobs(
-                self.bucket, max_results=1, retry=None, timeout=self.timeout
+                self._bucket(), max_results=1, retry=None, timeout=self.timeout
             )
             list(it)
 
@@ -527,7 +548,8 @@ class GCSStore(ObjectStore):
     ) -> ObjectInfo:
         """Upload ``body`` as ``key`` in one multipart/related request; GCS verifies ``crc32c``."""
         payload = _BufferBody(body)
-        meta: dict[str, Any] = {"name": key, "contentType": _OCTET, "crc32c": crc.to_base64(crc32c)}
+        meta: dict[str, Any] = {"name": key, "contentType": _OCTET, "crc32c": crc.to_base64(crc32c),
+                                **self.request_options.json_metadata()}
         if metadata:
             meta["metadata"] = dict(metadata)
         boundary = f"==============={uuid.uuid4().hex}=="
@@ -538,7 +560,7 @@ class GCSStore(ObjectStore):
         tail = f"\r\n--{boundary}--".encode("ascii")
         request_body = _BufferBody([head, *payload, tail])
         url = f"{self._api_base()}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
-        params = {"uploadType": "multipart"}
+        params = {"uploadType": "multipart", **self.request_options.json_params(create=True)}
         if if_absent:
             params["ifGenerationMatch"] = "0"
         headers = {"content-type": f'multipart/related; boundary="{boundary}"'}
@@ -572,7 +594,7 @@ class GCSStore(ObjectStore):
                 raise ObjectNotFoundError(f"{self.url(key)} does not exist (while trying to download it)")
             if info.size > max_size:
                 raise self.too_large(key, info.size, max_size)
-        blob = self.client.bucket(self.bucket).blob(key)
+        blob = self._bucket().blob(key)
 
         def call() -> bytes:
             data = blob.download_as_bytes(checksum="crc32c", retry=None, timeout=self.timeout)
@@ -598,6 +620,7 @@ class GCSStore(ObjectStore):
             first = start + got
             resp = self._session.request(
                 "GET", url, headers={"Range": f"bytes={first}-{start + n - 1}", "Accept-Encoding": "identity"},
+                params=self.request_options.json_params(),
                 timeout=self.timeout, stream=True,
             )
             try:
@@ -640,7 +663,7 @@ class GCSStore(ObjectStore):
         """Size, CRC32C, generation and metadata of ``key``, or None if it does not exist."""
         from google.api_core import exceptions as gexc
 
-        blob = self.client.bucket(self.bucket).blob(key)
+        blob = self._bucket().blob(key)
 
         def call() -> Optional[ObjectInfo]:
             try:
@@ -659,7 +682,7 @@ class GCSStore(ObjectStore):
 
         def call() -> tuple[list[Any], tuple[str, ...], Optional[str]]:
             it = self.client.list_blobs(
-                self.bucket, page_token=token, page_size=self.list_page_size, retry=None,
+                self._bucket(), page_token=token, page_size=self.list_page_size, retry=None,
                 timeout=self.timeout, **kwargs,
             )
             page = next(it.pages, None)
@@ -693,7 +716,7 @@ class GCSStore(ObjectStore):
         """Delete ``key``; a missing object is fine, a missing bucket is not."""
         from google.api_core import exceptions as gexc
 
-        blob = self.client.bucket(self.bucket).blob(key)
+        blob = self._bucket().blob(key)
 
         def call() -> None:
             try:
@@ -723,13 +746,16 @@ class GCSStore(ObjectStore):
         except ImportError:  # google-cloud-storage 2.x uses the separate package
             from google.resumable_media.requests import XMLMPUContainer  # type: ignore[no-redef]
 
+        # Initiation, completion and abort all carry the requester-pays header.
+        headers = {**self.request_options.xml_headers(), **(headers or {})}
         return XMLMPUContainer(
-            self._xml_url(key), None, headers=headers or {}, upload_id=upload_id, retry=None
+            self._xml_url(key), None, headers=headers, upload_id=upload_id, retry=None
         )
 
     def create_multipart(self, key: str, *, metadata: Mapping[str, str] | None = None) -> str:
         """Start an XML API multipart upload of ``key`` and return its upload id."""
         headers = {f"x-goog-meta-{k}": str(v) for k, v in (metadata or {}).items()}
+        headers.update(self.request_options.xml_headers(create=True))
 
         maybe_orphans = False
 
@@ -762,7 +788,8 @@ class GCSStore(ObjectStore):
         payload = _BufferBody(body)
         url = self._xml_url(key)
         params = {"partNumber": str(part_number), "uploadId": upload_id}
-        headers = {"x-goog-hash": f"crc32c={crc.to_base64(crc32c)}", "content-type": _OCTET}
+        headers = {"x-goog-hash": f"crc32c={crc.to_base64(crc32c)}", "content-type": _OCTET,
+                   **self.request_options.xml_headers()}
 
         def call() -> PartResult:
             resp = self._request("PUT", url, params=params, headers=headers, data=payload if len(payload) else b"")
@@ -842,7 +869,8 @@ class GCSStore(ObjectStore):
         params: dict[str, str] = {"uploads": "", "prefix": prefix}
         while True:
             resp = self._run(
-                "list multipart uploads in", None, lambda: self._request("GET", url, params=dict(params))
+                "list multipart uploads in", None, lambda: self._request("GET", url, params=dict(params),
+                                                                 headers=self.request_options.xml_headers())
             )
             try:
                 root = ElementTree.fromstring(resp.content)

@@ -36,12 +36,14 @@ from cloudckpt.errors import (
     ObjectNotFoundError,
     PreconditionFailedError,
     TransferError,
+    UnknownStoreOptionError,
 )
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store._body import SegmentReader
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
+from cloudckpt.store.options import S3_CLIENT_OPTIONS, S3RequestOptions, SecretBytes, is_directory_bucket
 
-__all__ = ["S3Store"]
+__all__ = ["S3Store", "S3RequestOptions", "SecretBytes"]
 
 _T = TypeVar("_T")
 _SECRET_OPTIONS = ("aws_secret_access_key", "aws_session_token")
@@ -87,7 +89,8 @@ _SESSIONS: dict[tuple[Any, ...], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
 _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                    "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-                   "AWS_CONFIG_FILE", "AWS_DEFAULT_REGION", "AWS_REGION")
+                   "AWS_CONFIG_FILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                   "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
 
 
 def _session(profile: str | None) -> Any:
@@ -126,7 +129,10 @@ def _readinto(body: Any, out: memoryview) -> int:
 # botocore's DEBUG logs print every request's headers and canonical request,
 # session tokens included; these loggers get a filter that masks them.
 _REDACTED_LOGGERS = ("botocore.endpoint", "botocore.auth", "botocore.httpsession", "botocore.hooks")
-_SECRET_HEADER = re.compile(r"(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)([^'\"\s,}]+)", re.IGNORECASE)
+_SECRET_HEADER = re.compile(r"((?:x-amz-security-token|x-amz-s3session-token|x-amz-server-side-encryption-customer-key"
+                            r"|x-amz-copy-source-server-side-encryption-customer-key|SSECustomerKey"
+                            r"|CopySourceSSECustomerKey)['\"]?\s*[:=]\s*b?['\"]?)([^'\"\s,}]+)", re.IGNORECASE)
+_SECRET_MARKERS = ("security-token", "s3session-token", "customer-key")
 
 
 class _RedactSessionTokens(logging.Filter):
@@ -137,7 +143,7 @@ class _RedactSessionTokens(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is logging's problem, not ours
             return True
-        if "security-token" in message.lower():
+        if any(m in message.lower() for m in _SECRET_MARKERS):
             record.msg, record.args = _SECRET_HEADER.sub(r"\1***", message), None
         return True
 
@@ -164,8 +170,16 @@ class S3Store(ObjectStore):
         max_attempts: attempts per request (shortcut for ``retry_policy.max_attempts``).
         retry_policy: the full :class:`~cloudckpt.retry.RetryPolicy`.
         addressing_style: ``"path"``/``"virtual"``; path by default with a custom endpoint.
-        client_options: passed to ``boto3.Session.client`` (credentials,
-            ``config=``, ``profile_name=``); never shown in ``repr`` or errors.
+        server_side_encryption, sse_kms_key_id, bucket_key_enabled,
+            sse_customer_key, request_payer, expected_bucket_owner,
+            storage_class, object_tags, object_metadata: options for
+            locked-down buckets, validated here and sent on every request that
+            needs them (see :class:`~cloudckpt.store.options.S3RequestOptions`
+            and docs/configuration.md, "Locked-down buckets").
+        client_options: passed to ``boto3.Session.client``: credentials
+            (``aws_access_key_id``...), ``config=``, ``profile_name=``, ``verify=``
+            (:data:`~cloudckpt.store.options.S3_CLIENT_OPTIONS`); any other
+            name is a TypeError. Never shown in ``repr`` or errors.
     """
 
     scheme = "s3"
@@ -183,9 +197,28 @@ class S3Store(ObjectStore):
         max_attempts: int | None = None,
         retry_policy: RetryPolicy | None = None,
         addressing_style: str | None = None,
+        server_side_encryption: str | None = None,
+        sse_kms_key_id: str | None = None,
+        bucket_key_enabled: bool | None = None,
+        sse_customer_key: "bytes | str | SecretBytes | None" = None,
+        request_payer: str | None = None,
+        expected_bucket_owner: str | None = None,
+        storage_class: str | None = None,
+        object_tags: Mapping[str, str] | None = None,
+        object_metadata: Mapping[str, str] | None = None,
         **client_options: Any,
     ) -> None:
         super().__init__(bucket)
+        unknown = sorted(set(client_options) - S3_CLIENT_OPTIONS)
+        if unknown:
+            raise UnknownStoreOptionError(
+                f"S3Store got unknown option(s) {', '.join(unknown)}; boto3 client options are "
+                f"{', '.join(sorted(S3_CLIENT_OPTIONS))} (see docs/configuration.md)")
+        self.request_options = S3RequestOptions(
+            bucket, server_side_encryption=server_side_encryption, sse_kms_key_id=sse_kms_key_id,
+            bucket_key_enabled=bucket_key_enabled, sse_customer_key=sse_customer_key, request_payer=request_payer,
+            expected_bucket_owner=expected_bucket_owner, storage_class=storage_class,
+            object_tags=object_tags or {}, object_metadata=object_metadata or {})
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.region = region
         self.max_pool_connections = max_pool_connections
@@ -243,12 +276,17 @@ class S3Store(ObjectStore):
             with _SESSIONS_LOCK:  # boto3 sessions are not safe to use from several threads at once
                 client = _session(profile).client("s3", endpoint_url=self.endpoint_url, config=config, **opts)
             _widen_send_blocks(client)
+            self.request_options.install(client)
             # boto3 clients are thread-safe: one per process shares one connection pool.
             self._client = (os.getpid(), client)
             return client
 
     def close(self) -> None:
         self._client = None
+
+    def _extra(self, operation: str, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Parameters every ``operation`` request carries (encryption, requester pays...)."""
+        return self.request_options.extra(operation, metadata)
 
     # -- errors and retries -------------------------------------------------------
     def _classify(self, exc: BaseException) -> FailureKind | None:
@@ -308,6 +346,7 @@ class S3Store(ObjectStore):
                 return AccessDeniedError(
                     f"access denied trying to {action} {where} ({code}); check the credentials and the "
                     "bucket policy grant s3:GetObject/PutObject/ListBucket/AbortMultipartUpload"
+                    + self.request_options.denied_hint(action)
                 )
             if code in ("BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"):
                 return IntegrityError(
@@ -355,7 +394,7 @@ class S3Store(ObjectStore):
 
     # -- operations -------------------------------------------------------------
     def check_bucket(self) -> None:
-        self._call("access bucket", None, self.client.head_bucket)
+        self._call("access bucket", None, self.client.head_bucket, **self._extra("HeadBucket"))
 
     def put(
         self,
@@ -370,8 +409,7 @@ class S3Store(ObjectStore):
         kwargs: dict[str, Any] = {"Key": key, "ContentLength": size, "ChecksumCRC32C": crc.to_base64(crc32c)}
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
-        if metadata:
-            kwargs["Metadata"] = dict(metadata)
+        kwargs.update(self._extra("PutObject", metadata))
 
         def attempt(_: Attempt) -> Any:
             # A fresh reader per attempt: a retry re-sends the staged buffers from the start.
@@ -382,7 +420,7 @@ class S3Store(ObjectStore):
 
     def get(self, key: str, *, max_size: int | None = None) -> bytes:
         def attempt(_: Attempt) -> bytes:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, **self._extra("GetObject"))
             size = int(resp.get("ContentLength", 0))
             if max_size is not None and size > max_size:
                 resp["Body"].close()
@@ -402,7 +440,8 @@ class S3Store(ObjectStore):
         def attempt(_: Attempt) -> None:
             nonlocal got
             first = start + got
-            resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={first}-{start + n - 1}")
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={first}-{start + n - 1}",
+                                          **self._extra("GetObject"))
             body = resp["Body"]
             sent = int(resp.get("ContentLength", n - got))
             try:
@@ -424,7 +463,8 @@ class S3Store(ObjectStore):
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            resp = self._call("inspect", key, self.client.head_object, Key=key, ChecksumMode="ENABLED")
+            resp = self._call("inspect", key, self.client.head_object, Key=key, ChecksumMode="ENABLED",
+                              **self._extra("HeadObject"))
         except ObjectNotFoundError:
             return None
         c = resp.get("ChecksumCRC32C")
@@ -438,10 +478,28 @@ class S3Store(ObjectStore):
             metadata=resp.get("Metadata") or {},
         )
 
+    @property
+    def directory_bucket(self) -> bool:
+        """True for an S3 Express One Zone directory bucket (``name--usw2-az1--x-s3``)."""
+        return is_directory_bucket(self.bucket)
+
+    def _listable(self, prefix: str) -> str:
+        # Directory buckets accept only prefixes that end in '/': list the enclosing
+        # "directory" and keep the keys under ``prefix`` client-side.
+        return prefix[:prefix.rfind("/") + 1] if self.directory_bucket else prefix
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if not self.directory_bucket:
+            yield from self._list(prefix)
+            return
+        # Directory buckets list in no particular order: keep the key-order contract.
+        yield from sorted((o for o in self._list(self._listable(prefix)) if o.key.startswith(prefix)),
+                          key=lambda o: o.key)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Prefix": prefix}
+            kwargs: dict[str, Any] = {"Prefix": prefix, **self._extra("ListObjectsV2")}
             if token:
                 kwargs["ContinuationToken"] = token
             resp = self._call("list", None, self.client.list_objects_v2, **kwargs)
@@ -456,18 +514,19 @@ class S3Store(ObjectStore):
         out: list[str] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Prefix": prefix, "Delimiter": "/"}
+            kwargs: dict[str, Any] = {"Prefix": self._listable(prefix), "Delimiter": "/",
+                                      **self._extra("ListObjectsV2")}
             if token:
                 kwargs["ContinuationToken"] = token
             resp = self._call("list", None, self.client.list_objects_v2, **kwargs)
-            out.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
+            out.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []) if p["Prefix"].startswith(prefix))
             if not resp.get("IsTruncated"):
-                return out
+                return sorted(out)  # S3 Express lists in no particular order
             token = resp["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
         try:
-            self._call("delete", key, self.client.delete_object, Key=key)
+            self._call("delete", key, self.client.delete_object, Key=key, **self._extra("DeleteObject"))
         except ObjectNotFoundError:
             pass
 
@@ -476,16 +535,16 @@ class S3Store(ObjectStore):
         for i in range(0, len(keys), 1000):
             batch = keys[i:i + 1000]
             resp = self._call("delete", batch[0], self.client.delete_objects,
-                              Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+                              Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                              **self._extra("DeleteObjects"))
             errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
                 e = errors[0]
                 raise TransferError(f"failed to delete {self.url(e['Key'])}: {e.get('Code')}: {e.get('Message')}")
 
     def create_multipart(self, key: str, *, metadata: Mapping[str, str] | None = None) -> str:
-        kwargs: dict[str, Any] = {"Key": key, "ChecksumAlgorithm": "CRC32C"}
-        if metadata:
-            kwargs["Metadata"] = dict(metadata)
+        kwargs: dict[str, Any] = {"Key": key, "ChecksumAlgorithm": "CRC32C",
+                                  **self._extra("CreateMultipartUpload", metadata)}
         maybe_orphans = False
 
         def attempt(a: Attempt) -> str:
@@ -516,7 +575,7 @@ class S3Store(ObjectStore):
         def attempt(_: Attempt) -> Any:
             return self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
                                            Body=SegmentReader(body), ContentLength=size,
-                                           ChecksumCRC32C=crc.to_base64(crc32c))
+                                           ChecksumCRC32C=crc.to_base64(crc32c), **self._extra("UploadPart"))
 
         resp = self._run(f"upload part {part_number} of", key, attempt)
         return PartResult(part_number=part_number, etag=resp["ETag"], size=size, crc32c=crc32c)
@@ -535,6 +594,7 @@ class S3Store(ObjectStore):
         }
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
+        kwargs.update(self._extra("CompleteMultipartUpload"))
         size = sum(p.size for p in ordered)
         whole = crc.combine_all((p.crc32c, p.size) for p in ordered)
 
@@ -560,7 +620,8 @@ class S3Store(ObjectStore):
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            return self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED",
+                                           **self._extra("HeadObject"))
         except ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
@@ -588,20 +649,23 @@ class S3Store(ObjectStore):
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
             self._call("abort multipart upload of", key, self.client.abort_multipart_upload, Key=key,
-                       UploadId=upload_id)
+                       UploadId=upload_id, **self._extra("AbortMultipartUpload"))
         except ObjectNotFoundError:
             pass  # NoSuchUpload: already aborted or completed
 
     def list_multipart_uploads(self, prefix: str) -> list[MultipartUpload]:
         out: list[MultipartUpload] = []
-        kwargs: dict[str, Any] = {"Prefix": prefix}
+        kwargs: dict[str, Any] = {"Prefix": self._listable(prefix), **self._extra("ListMultipartUploads")}
         while True:
             resp = self._call("list multipart uploads in", None, self.client.list_multipart_uploads, **kwargs)
             for u in resp.get("Uploads", []):
+                if not u["Key"].startswith(prefix):
+                    continue  # listed only because a directory bucket needs a prefix ending in '/'
                 initiated = u.get("Initiated")
                 out.append(MultipartUpload(key=u["Key"], upload_id=u["UploadId"],
                                            initiated=initiated if isinstance(initiated, _dt.datetime) else None))
             if not resp.get("IsTruncated"):
                 return out
             kwargs["KeyMarker"] = resp.get("NextKeyMarker")
-            kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+            if not self.directory_bucket:  # directory buckets page by key marker only
+                kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker")

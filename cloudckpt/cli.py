@@ -214,16 +214,38 @@ class _Progress:
 # -- shared helpers -----------------------------------------------------------------------
 
 
+#: Store options the CLI takes as flags, by scheme (``--server-side-encryption`` -> ``server_side_encryption``).
+_S3_FLAGS = ("endpoint_url", "region", "server_side_encryption", "sse_kms_key_id", "bucket_key_enabled",
+             "request_payer", "expected_bucket_owner", "storage_class")
+_GCS_FLAGS = ("endpoint_url", "project", "kms_key_name", "user_project", "storage_class")
+
+
+def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"{flag} takes KEY=VALUE, got {item!r}", EXIT_USAGE)
+        out[key] = value
+    return out
+
+
 def _store_options(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
     """Global options that apply to ``scheme``'s store (checked against cloudckpt.options' table)."""
     from cloudckpt.options import split_options
 
+    names = _S3_FLAGS if scheme == "s3" else _GCS_FLAGS if scheme == "gs" else ()
+    given: dict[str, Any] = {k: getattr(args, k, None) for k in names}
     if scheme == "s3":
-        given = {"endpoint_url": args.endpoint_url, "region": args.region}
-    elif scheme == "gs":
-        given = {"endpoint_url": args.endpoint_url, "project": args.project}
-    else:
-        return {}
+        key_file = getattr(args, "sse_customer_key_file", None)
+        if key_file:
+            try:
+                with open(key_file, "rb") as f:
+                    given["sse_customer_key"] = f.read().strip()
+            except OSError as exc:
+                raise CLIError(f"cannot read --sse-customer-key-file {key_file}: {exc.strerror}", EXIT_USAGE) from None
+        given["object_tags"] = _pairs(getattr(args, "object_tag", None), "--object-tag")
+        given["object_metadata"] = _pairs(getattr(args, "object_metadata", None), "--object-metadata")
     return dict(split_options({k: v for k, v in given.items() if v}, owner="cloudckpt").store)
 
 
@@ -464,6 +486,25 @@ def _add_globals(p: argparse.ArgumentParser, *, suppress: bool) -> None:
                         "STORAGE_EMULATOR_HOST, else the public endpoint)")
     g.add_argument("--region", default=d(None), help="S3 region (s3:// only)")
     g.add_argument("--project", default=d(None), help="GCP project (gs:// only)")
+    lock = p.add_argument_group("locked-down buckets (docs/configuration.md)")
+    lock.add_argument("--server-side-encryption", default=d(None), choices=("AES256", "aws:kms", "aws:kms:dsse"),
+                      help="S3 SSE on every object written")
+    lock.add_argument("--sse-kms-key-id", default=d(None), metavar="KEY", help="S3 KMS key id or ARN")
+    lock.add_argument("--bucket-key-enabled", action="store_true", default=d(None), help="S3 bucket keys for SSE-KMS")
+    lock.add_argument("--sse-customer-key-file", default=d(None), metavar="PATH",
+                      help="file holding the 32-byte S3 SSE-C key (raw or base64), sent on every read and write")
+    lock.add_argument("--request-payer", default=d(None), choices=("requester",),
+                      help="S3 requester-pays buckets: sent on every request")
+    lock.add_argument("--expected-bucket-owner", default=d(None), metavar="ACCOUNT",
+                      help="S3: every request fails unless the bucket belongs to this account")
+    lock.add_argument("--storage-class", default=d(None), help="storage class of every object written (S3 or GCS)")
+    lock.add_argument("--object-tag", action="append", default=d(None), metavar="KEY=VALUE",
+                      help="S3 object tag on every object written (repeatable)")
+    lock.add_argument("--object-metadata", action="append", default=d(None), metavar="KEY=VALUE",
+                      help="S3 user metadata on every object written (repeatable)")
+    lock.add_argument("--kms-key-name", default=d(None), metavar="NAME", help="GCS CMEK key for objects written")
+    lock.add_argument("--user-project", default=d(None), metavar="PROJECT",
+                      help="GCS requester pays: the project billed, sent on every request")
     g.add_argument("--json", action="store_true", default=d(False), help="machine-readable output on stdout")
     g.add_argument("-q", "--quiet", action="store_true", default=d(False),
                    help="no progress bars or success chatter")

@@ -53,6 +53,18 @@ OPTIONS: Mapping[str, frozenset[str]] = MappingProxyType({
     "retry_timeout": _S,
     "unreachable_timeout": _S,
     "addressing_style": _S,
+    # locked-down buckets (cloudckpt.store.options: S3RequestOptions / GCSRequestOptions)
+    "server_side_encryption": _S,
+    "sse_kms_key_id": _S,
+    "bucket_key_enabled": _S,
+    "sse_customer_key": _S,
+    "request_payer": _S,
+    "expected_bucket_owner": _S,
+    "storage_class": _S,
+    "object_tags": _S,
+    "object_metadata": _S,
+    "kms_key_name": _S,
+    "user_project": _S,
     # boto3 client options the S3 store passes through
     "profile_name": _S,
     "config": _S,

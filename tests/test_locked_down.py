@@ -196,30 +196,25 @@ def test_async_save_through_each_executor_carries_every_header(locked: Any, exec
     assert {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"} <= ops, ops
 
 
-def test_cli_cp_rm_gc_carry_every_header(locked: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """cp, rm and gc through the CLI's own code, with the options the CLI flags will set.
-
-    The CLI has no --server-side-encryption/--request-payer flags on this branch, so
-    its option builder is extended here with exactly what those flags will pass.
-    """
+def test_cli_cp_rm_gc_carry_every_header(locked: Any) -> None:
+    """cp, ls, rm and gc through the real CLI, with the locked-down options given as its flags."""
     import cloudckpt.cli as cli
 
     proxy, bucket, opts = locked
-    lock_opts = {k: v for k, v in opts.items() if k != "endpoint_url"}
-    original = cli._store_options
-    monkeypatch.setattr(cli, "_store_options", lambda args, scheme: dict(original(args, scheme), **lock_opts))
     src, dst = f"s3://{bucket}/src", f"s3://{bucket}/dst"
     cloudckpt.save(_state(4.0), src, no_dist=True, part_size=5 * MIB, **opts)
     # A failed save's leftovers for gc: an incomplete upload.
-    S3Store(bucket, **opts).create_multipart("dead/step/__0_0.x.distcp")
-    base = ["--endpoint-url", proxy.url, "-q"]
+    S3Store(bucket, **opts).create_multipart("dead/step/__0_0.0123456789ab.distcp")
+    base = ["--endpoint-url", proxy.url, "-q", "--server-side-encryption", "aws:kms", "--sse-kms-key-id", KMS_KEY,
+            "--request-payer", "requester", "--expected-bucket-owner", OWNER, "--storage-class", "STANDARD_IA",
+            "--object-tag", "team=llm", "--object-tag", "run=r1", "--object-metadata", "run-id=r1"]
     assert cli.main([*base, "cp", src, dst, "--part-size", "5"]) == 0
     out = _empty()
     cloudckpt.load(out, dst, no_dist=True, **opts)
     assert torch.equal(out["big"], _state(4.0)["big"])
     assert cli.main([*base, "ls", f"s3://{bucket}"]) == 0
     assert cli.main([*base, "rm", "-y", src]) == 0
-    assert cli.main([*base, "gc", f"s3://{bucket}/dead", "--older-than", "0s"]) == 0
+    assert cli.main([*base, "gc", f"s3://{bucket}/dead", "--older-than", "0s", "--yes"]) == 0
     assert S3Store(bucket, **opts).list_multipart_uploads("dead/") == []
     ops = _assert_every_request_carried(proxy.requests)
     assert {"PutObject", "GetObject", "ListObjectsV2", "ListMultipartUploads", "AbortMultipartUpload"} <= ops, ops

@@ -69,8 +69,9 @@ class Runner:
         self._kinds = list(dict.fromkeys(server_kinds))
         self.workdir = ""
 
-    def __enter__(self) -> "Runner":
-        self.workdir = tempfile.mkdtemp(prefix="cloudckpt-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    def __enter__(self) -> Runner:
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.workdir = tempfile.mkdtemp(prefix="cloudckpt-bench-", dir=shm)
         try:
             for kind in self._kinds:
                 # Warm the fast server's memory for one checkpoint (+ slack) so no run pays for page faults.

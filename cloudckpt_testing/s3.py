@@ -23,18 +23,19 @@ TEST_CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
-# moto answers CompleteMultipartUpload with the root element
-# CompleteMultipartUploadResponse; S3 (and the AWS CRT client used by
-# s3torchconnector) expect CompleteMultipartUploadResult.
+# Older moto (before its model-based response serializer) answers CompleteMultipartUpload with the root
+# element CompleteMultipartUploadResponse; S3 (and the AWS CRT client used by s3torchconnector)
+# expect CompleteMultipartUploadResult, which newer moto already sends (and has no method to patch).
 _CRT_PATCH = r"""
 import moto.s3.responses as _r
-_orig = _r.S3Response._complete_multipart_upload
-def _patched(self, *a, **k):
-    out = _orig(self, *a, **k)
-    if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], str):
-        out = (out[0], out[1], out[2].replace("CompleteMultipartUploadResponse", "CompleteMultipartUploadResult"))
-    return out
-_r.S3Response._complete_multipart_upload = _patched
+if hasattr(_r.S3Response, "_complete_multipart_upload"):
+    _orig = _r.S3Response._complete_multipart_upload
+    def _patched(self, *a, **k):
+        out = _orig(self, *a, **k)
+        if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], str):
+            out = (out[0], out[1], out[2].replace("CompleteMultipartUploadResponse", "CompleteMultipartUploadResult"))
+        return out
+    _r.S3Response._complete_multipart_upload = _patched
 """
 
 

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    from benchmarks.run import environment
+    from benchmarks.runner import environment
     from benchmarks.servers import BUCKET, Server
 
     methods = [m for m in args.methods.split(",") if m]

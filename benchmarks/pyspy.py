@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from benchmarks.run import MiB, Runner, _brief
+from benchmarks.runner import MiB, Runner, brief
 
 RATE_HZ = 250
 
@@ -96,7 +96,7 @@ def profile_main(args: argparse.Namespace) -> dict[str, Any]:
                                hooks={op: hooks(op) for op in ("save", "load")})
     files = []
     for op, r in res.items():
-        print(f"{op}: {_brief(r)}")
+        print(f"{op}: {brief(r)}")
         raw = os.path.join(outdir, f"{op}.txt")
         if not os.path.exists(raw):
             continue

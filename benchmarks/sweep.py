@@ -13,7 +13,7 @@ import argparse
 import itertools
 from typing import Any
 
-from benchmarks.run import MiB, Runner, summarize
+from benchmarks.runner import MiB, Runner, summarize
 
 GRID: dict[str, list[int]] = {
     "part_size": [8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB],

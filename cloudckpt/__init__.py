@@ -8,9 +8,8 @@ Quick use::
 """
 
 from cloudckpt._version import __version__
-
-from cloudckpt.api import AsyncSaveResponse, async_save, load, save, storage_reader, storage_writer  # noqa: E402
-from cloudckpt.errors import (  # noqa: E402
+from cloudckpt.api import AsyncSaveResponse, async_save, load, save, storage_reader, storage_writer
+from cloudckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
     CheckpointExistsError,
@@ -26,19 +25,19 @@ from cloudckpt.errors import (  # noqa: E402
     UnsupportedSchemeError,
     UnsupportedTensorError,
 )
-from cloudckpt.reader import (  # noqa: E402
+from cloudckpt.executors import ProcessCheckpointExecutor, ThreadCheckpointExecutor
+from cloudckpt.manager import CheckpointManager
+from cloudckpt.reader import (
     CloudStorageReader,
     GCSStorageReader,
     LocalStorageReader,
     S3StorageReader,
 )
-from cloudckpt.manager import CheckpointManager  # noqa: E402
-from cloudckpt.executors import ProcessCheckpointExecutor, ThreadCheckpointExecutor  # noqa: E402
-from cloudckpt.staging import Stager  # noqa: E402
-from cloudckpt.transfer import TransferOptions  # noqa: E402
-from cloudckpt.uri import StorageURI, parse_uri  # noqa: E402
-from cloudckpt.verify import verify  # noqa: E402
-from cloudckpt.writer import (  # noqa: E402
+from cloudckpt.staging import Stager
+from cloudckpt.transfer import TransferOptions
+from cloudckpt.uri import StorageURI, parse_uri
+from cloudckpt.verify import verify
+from cloudckpt.writer import (
     CloudStorageWriter,
     GCSStorageWriter,
     LocalStorageWriter,

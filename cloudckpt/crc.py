@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import functools
-from typing import Iterable
+from collections.abc import Iterable
 
 import crc32c as _crc32c
 
@@ -22,12 +22,12 @@ __all__ = ["crc32c", "crc32c_extend", "combine", "combine_all", "to_base64", "fr
 _POLY = 0x82F63B78  # CRC32C, reflected
 
 
-def crc32c(data: "bytes | bytearray | memoryview") -> int:
+def crc32c(data: bytes | bytearray | memoryview) -> int:
     """CRC32C of ``data`` as an unsigned int."""
     return _crc32c.crc32c(data)
 
 
-def crc32c_extend(crc: int, data: "bytes | bytearray | memoryview") -> int:
+def crc32c_extend(crc: int, data: bytes | bytearray | memoryview) -> int:
     """Continue ``crc`` over ``data``."""
     return _crc32c.crc32c(data, crc)
 

@@ -3,9 +3,9 @@
 What it does, end to end, on this machine:
 
 1. with no endpoint configured (no ``--uri``, ``--endpoint-url`` or
-   ``AWS_ENDPOINT_URL``), starts the embedded S3-compatible server
-   (:class:`cloudckpt_testing.fast_s3.FastS3Server`) on 127.0.0.1 in a child
-   process, with dummy credentials, and creates a bucket;
+   ``AWS_ENDPOINT_URL``), starts moto's S3 server (``pip install
+   'cloudckpt[demo]'``) on 127.0.0.1 in a child process, with dummy
+   credentials, and creates a bucket;
 2. launches ``--nproc`` ranks torchrun-style (``RANK``/``WORLD_SIZE``/
    ``MASTER_ADDR``/``MASTER_PORT``, gloo, the rendezvous store hosted by this
    process as torchrun's agent does) that train a 2-layer MLP with DDP and
@@ -23,6 +23,10 @@ What it does, end to end, on this machine:
    while training runs on the same CPUs), the step resumed from, and
    ``state verified: OK``.
 
+A failed phase raises :class:`DemoError` naming the rank that failed first,
+its error and the end of its log; the hint to check that the storage is
+reachable is given only when that error is a connection error.
+
 ``python -m cloudckpt.demo`` runs it too (same options as ``cloudckpt demo``).
 """
 
@@ -30,15 +34,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudckpt._moto_server import INSTALL_HINT
 
 __all__ = ["run", "choose_storage", "format_summary", "main"]
 
@@ -94,8 +105,18 @@ def _ensure_bucket(uri: str, store_options: dict[str, Any]) -> None:
         store.client.create_bucket(Bucket=parse_uri(uri).bucket)  # type: ignore[attr-defined]
 
 
-def _launch(phase: str, nproc: int, args: list[str], workdir: str, expected: int, timeout: float) -> list[int]:
-    """Run ``nproc`` worker ranks for ``phase``; return their exit codes.
+@dataclass
+class _PhaseResult:
+    """How the ranks of one phase ended."""
+
+    codes: list[int]  # exit status per rank (negative: killed by that signal)
+    exited_at: list[float]  # seconds after launch at which each rank was seen to exit
+    stopped: set[int] = field(default_factory=set)  # ranks this process killed (grace over or timeout)
+    timed_out: bool = False
+
+
+def _launch(phase: str, nproc: int, args: list[str], workdir: str, expected: int, timeout: float) -> _PhaseResult:
+    """Run ``nproc`` worker ranks for ``phase`` and wait for them.
 
     This process hosts the rendezvous TCPStore (bound to port 0, so no port
     race) and the ranks connect to it as torchrun's workers connect to the
@@ -117,56 +138,169 @@ def _launch(phase: str, nproc: int, args: list[str], workdir: str, expected: int
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p),
         })
-        err = open(os.path.join(workdir, f"{phase}-rank{rank}.log"), "w")
+        log = open(_log_path(workdir, phase, rank), "w")
         procs.append((subprocess.Popen([sys.executable, "-m", "cloudckpt.demo", "--worker", phase, *args],
-                                       env=env, stdout=err, stderr=subprocess.STDOUT), err))
-    deadline = time.monotonic() + timeout
+                                       env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    exited_at = [float("inf")] * nproc
+    result = _PhaseResult(codes=[], exited_at=exited_at)
     try:
         while True:
             codes = [p.poll() for p, _ in procs]
+            for rank, code in enumerate(codes):
+                if code is not None and exited_at[rank] == float("inf"):
+                    exited_at[rank] = time.monotonic() - t0
             if all(c is not None for c in codes):
-                return [int(c) for c in codes]  # type: ignore[arg-type]
+                break
             if any(c is not None and c != expected for c in codes):
                 deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
             if time.monotonic() > deadline:
-                return [-9 if c is None else int(c) for c in codes]
+                result.timed_out = not any(c is not None and c != expected for c in codes)
+                break
             time.sleep(0.1)
     finally:
-        for p, err in procs:
+        for rank, (p, log) in enumerate(procs):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-            err.close()
+                result.stopped.add(rank)
+            log.close()
         del store
+    result.codes = [int(p.returncode) for p, _ in procs]
+    return result
+
+
+def _log_path(workdir: str, phase: str, rank: int) -> str:
+    return os.path.join(workdir, f"{phase}-rank{rank}.log")
+
+
+def _error_path(workdir: str, phase: str, rank: int) -> str:
+    return os.path.join(workdir, f"{phase}-rank{rank}.error.json")
 
 
 class DemoError(RuntimeError):
-    """A phase of the demo failed; the message names the cause and carries the failing rank's log."""
+    """A phase of the demo failed; the message names the rank, its error and the end of its log."""
 
 
-def _check_phase(what: str, codes: list[int], expected: int, workdir: str, phase: str, root: Any) -> None:
-    """Raise DemoError with the failing rank's log tail unless every rank exited ``expected``."""
-    bad = [r for r, c in enumerate(codes) if c != expected]
+def _check_phase(what: str, phase: str, result: _PhaseResult, expected: int, workdir: str, root: Any,
+                 server: Any = None) -> None:
+    """Raise DemoError naming the real cause unless every rank exited ``expected``."""
+    bad = [r for r, c in enumerate(result.codes) if c != expected]
     if not bad:
         return
-    # The first rank that failed by itself, not one killed after it.
-    rank = next((r for r in bad if codes[r] != -9), bad[0])
-    how = "was killed (timed out or stopped after another rank failed)" if codes[rank] == -9 else \
-        f"exited with status {codes[rank]}"
-    raise DemoError(
-        f"demo {what} rank {rank} {how} while checkpointing to {root}; its log ends with:\n"
-        f"{_tail(os.path.join(workdir, f'{phase}-rank{rank}.log'))}\n"
-        f"Check that {root} is reachable from this machine (`cloudckpt ls {root}`), or run `cloudckpt demo` "
-        "without --uri/--endpoint-url/AWS_ENDPOINT_URL to use the embedded server."
-    )
+    # The rank that failed first by itself, not one stopped after it (nor one that failed
+    # only because its peer died, which happens later).
+    own = [r for r in bad if r not in result.stopped]
+    rank = min(own, key=lambda r: result.exited_at[r]) if own else bad[0]
+    code = result.codes[rank]
+    if rank in result.stopped:
+        how = (f"did not finish within {_PHASE_TIMEOUT_S:.0f} s and was stopped" if result.timed_out
+               else "was stopped after another rank failed")
+    elif code < 0:
+        how = f"was killed by signal {_signal_name(-code)}" + (" (out of memory?)" if -code == 9 else "")
+    else:
+        how = f"exited with status {code}"
+    log_path = _log_path(workdir, phase, rank)
+    tail = _tail(log_path)
+    error = _read_error(_error_path(workdir, phase, rank)) or _error_from_log(tail)
+    lines = [f"demo {what}: rank {rank} {how} while checkpointing to {root}"
+             + (f": {error['error']}" if error else "")]
+    lines.append(f"its log ends with:\n{tail}" if tail.strip() else "its log is empty")
+    hint = _hint(error, root, server)
+    if hint:
+        lines.append(hint)
+    raise DemoError("\n".join(lines))
+
+
+def _hint(error: dict[str, Any] | None, root: Any, server: Any) -> str:
+    """What to check, only when the cause is the storage being unreachable (or the embedded server gone)."""
+    dead = server is not None and not server.running
+    if dead:
+        return (f"The embedded S3 server at {server.endpoint_url} exited during the demo "
+                f"(status {server.exit_status}); run `cloudckpt demo` again.")
+    if not (error and error.get("connection")):
+        return ""
+    if server is not None:
+        return f"The embedded S3 server at {server.endpoint_url} stopped answering; run `cloudckpt demo` again."
+    return (f"Check that {root} is reachable from this machine (`cloudckpt ls {root}`), or run `cloudckpt demo` "
+            "without --uri/--endpoint-url/AWS_ENDPOINT_URL to use the embedded server.")
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
 
 
 def _tail(path: str, n: int = 25) -> str:
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             return "".join(f.readlines()[-n:])
     except OSError:
         return ""
+
+
+def _read_error(path: str) -> dict[str, Any] | None:
+    """The error a rank recorded before it exited (see :func:`_record_error`), if any."""
+    try:
+        with open(path) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
+# Names of the exception types that mean "the storage endpoint could not be reached":
+# cloudckpt's own, and those of botocore, urllib3 and the socket layer below it.
+_CONNECTION_ERRORS = frozenset({
+    "EndpointUnreachableError", "EndpointConnectionError", "ConnectTimeoutError", "NewConnectionError",
+    "ConnectionClosedError", "ProxyConnectionError", "ConnectionRefusedError", "gaierror",
+})
+_CONNECTION_RE = re.compile(r"\b(" + "|".join(sorted(_CONNECTION_ERRORS)) + r")\b")
+_ERROR_LINE_RE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$", re.MULTILINE)
+
+
+def _error_from_log(log: str) -> dict[str, Any] | None:
+    """Best effort for a rank that recorded nothing: the last ``SomeError: message`` line of its log."""
+    found = _ERROR_LINE_RE.findall(log)
+    if not found:
+        return None
+    name, message = found[-1]
+    return {"error": f"{name}: {message}", "connection": bool(_CONNECTION_RE.search(log))}
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, and the per-rank failures a DCP CheckpointException carries."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 50:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo.extend(f[0] for f in failures.values() if isinstance(f, tuple) and f
+                        and isinstance(f[0], BaseException))
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+    return seen
+
+
+def _describe_error(exc: BaseException) -> dict[str, Any]:
+    """``{"error": "Type: message", "connection": bool}`` for a rank's exception.
+
+    The named error is the first cloudckpt error in the chain (the typed cause),
+    else the first that is not DCP's generic CheckpointException wrapper;
+    ``connection`` says whether any error in the chain means the endpoint was unreachable.
+    """
+    from cloudckpt.errors import CloudCheckpointError
+
+    chain = _exception_chain(exc)
+    named = next((e for e in chain if isinstance(e, CloudCheckpointError)), None) or next(
+        (e for e in chain if type(e).__name__ != "CheckpointException"), exc)
+    connection = any(c.__name__ in _CONNECTION_ERRORS for e in chain for c in type(e).__mro__)
+    return {"error": f"{type(named).__name__}: {named}", "connection": connection}
 
 
 def choose_storage(uri: str | None, endpoint_url: str | None, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -175,7 +309,7 @@ def choose_storage(uri: str | None, endpoint_url: str | None, environ: Mapping[s
     ``mode`` is ``"uri"`` when a URI was given (used as is), ``"endpoint"`` when
     an S3 endpoint is configured (``--endpoint-url``, ``AWS_ENDPOINT_URL_S3`` or
     ``AWS_ENDPOINT_URL``: bucket ``cloudckpt-demo`` there, created if missing),
-    else ``"embedded"`` (the embedded server on 127.0.0.1).
+    else ``"embedded"`` (moto's S3 server on 127.0.0.1).
     """
     if uri is not None:
         return "uri", "given URI"
@@ -186,18 +320,15 @@ def choose_storage(uri: str | None, endpoint_url: str | None, environ: Mapping[s
 
 
 def _require_embedded_server_packages() -> None:
-    """Fail early, naming the pip extra, if the embedded S3 server or its client cannot run."""
-    missing = []
-    for module, package in (("boto3", "boto3"), ("google_crc32c", "google-crc32c")):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(package)
-    if missing:
+    """Fail at once, naming the pip extra, if moto's S3 server or the S3 client cannot be imported."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401  (moto's server and its Flask/Werkzeug dependencies)
+    except ImportError as exc:
         raise ImportError(
-            f"the demo's embedded S3 server needs {' and '.join(missing)}: pip install 'cloudckpt[all]' "
+            f"the demo's embedded S3 server needs moto's server and boto3 ({exc}): {INSTALL_HINT} "
             "(or pass --uri to a location you can already reach)"
-        )
+        ) from exc
 
 
 def run(
@@ -216,8 +347,9 @@ def run(
 
     ``uri`` (``s3://...``, ``gs://...`` or a local path) or ``endpoint_url`` /
     ``AWS_ENDPOINT_URL`` select real storage instead of the embedded server.
-    Raises DemoError if a phase fails; the summary's ``verified`` says
-    whether the restored state matched.
+    Raises ImportError (naming the pip extra) if the embedded server is needed
+    and not installed, DemoError if a phase fails; the summary's ``verified``
+    says whether the restored state matched.
     """
     if steps < 1 or every < 1 or every > steps:
         raise ValueError(f"need 1 <= --every <= --steps, got every={every}, steps={steps}")
@@ -228,59 +360,78 @@ def run(
     from cloudckpt.uri import parse_uri
 
     t_start = time.perf_counter()
-    server = None
-    env_updates: dict[str, str | None] = {}
-    store_options: dict[str, Any] = {}
-    run_id = uuid.uuid4().hex[:8]
     mode, where = choose_storage(uri, endpoint_url, os.environ)
-    try:
+    if mode == "embedded":
+        _require_embedded_server_packages()
+    with contextlib.ExitStack() as stack:
+        server = None
+        env_updates: dict[str, str | None] = {}
         if mode == "embedded":
-            _require_embedded_server_packages()
-            from cloudckpt_testing.fast_s3 import FastS3Server
+            from cloudckpt._moto_server import MotoS3Server
 
-            log("starting the embedded S3-compatible server on 127.0.0.1 ...")
-            server = FastS3Server(host="127.0.0.1", port=0).start()
-            where = f"embedded S3 server at {server.endpoint_url}"
+            log("starting moto's S3 server on 127.0.0.1 ...")
+            server = stack.enter_context(MotoS3Server(env=_DUMMY_CREDENTIALS))
+            where = f"embedded S3 server (moto) at {server.endpoint_url}"
             env_updates = dict(_DUMMY_CREDENTIALS, AWS_ENDPOINT_URL=server.endpoint_url, AWS_ENDPOINT_URL_S3=None,
                                AWS_PROFILE=None, AWS_SESSION_TOKEN=None)
-        if uri is None:
-            uri = f"s3://{_DEMO_BUCKET}/run-{run_id}"
-        root = parse_uri(uri)
-        if root.scheme in ("s3", "gs") and endpoint_url:
-            store_options["endpoint_url"] = endpoint_url
-        if root.scheme == "s3" and region:
-            store_options["region"] = region
-        if root.scheme == "gs" and project:
-            store_options["project"] = project
-        with _env(env_updates):
-            if root.scheme == "s3" and mode in ("embedded", "endpoint"):
-                _ensure_bucket(str(root), store_options)
-            elif not root.is_local:
-                # Fail here, with the store's own typed error, rather than in every rank.
-                from cloudckpt.store import open_store
+        root = parse_uri(uri if uri is not None else f"s3://{_DEMO_BUCKET}/run-{uuid.uuid4().hex[:8]}")
+        store_options = _store_options(root, endpoint_url, region, project)
+        stack.enter_context(_env(env_updates))
+        _prepare_storage(root, mode, store_options)
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cloudckpt-demo-"))
+        common = ["--root", str(root), "--workdir", workdir, "--steps", str(steps), "--every", str(every),
+                  "--size-mib", str(size_mib), "--store-options", json.dumps(store_options)]
+        log(f"training {nproc} ranks for {steps} steps, async checkpoint every {every} steps, "
+            f"to {root} ({where}) ...")
+        result = _launch("train", nproc, common, workdir, CRASH_EXIT, _PHASE_TIMEOUT_S)
+        _check_phase("training", "train", result, CRASH_EXIT, workdir, root, server)
+        log(f"all ranks crashed on purpose after step {steps}; relaunching and resuming ...")
+        result = _launch("resume", nproc, common, workdir, 0, _PHASE_TIMEOUT_S)
+        _check_phase("resuming", "resume", result, 0, workdir, root, server)
+        train = [_read_json(os.path.join(workdir, f"train-{r}.json")) for r in range(nproc)]
+        resume = [_read_json(os.path.join(workdir, f"resume-{r}.json")) for r in range(nproc)]
+    summary = _summarize(train, resume, steps=steps, every=every, nproc=nproc)
+    summary.update(uri=str(root), storage=where, seconds=round(time.perf_counter() - t_start, 1))
+    return summary
 
-                open_store(root, **store_options).check_bucket()
-            with tempfile.TemporaryDirectory(prefix="cloudckpt-demo-") as workdir:
-                common = ["--root", str(root), "--workdir", workdir, "--steps", str(steps), "--every", str(every),
-                          "--size-mib", str(size_mib), "--store-options", json.dumps(store_options)]
-                log(f"training {nproc} ranks for {steps} steps, async checkpoint every {every} steps, "
-                    f"to {root} ({where}) ...")
-                codes = _launch("train", nproc, common, workdir, CRASH_EXIT, _PHASE_TIMEOUT_S)
-                _check_phase("training", codes, CRASH_EXIT, workdir, "train", root)
-                log(f"all ranks crashed on purpose after step {steps}; relaunching and resuming ...")
-                codes = _launch("resume", nproc, common, workdir, 0, _PHASE_TIMEOUT_S)
-                _check_phase("resuming", codes, 0, workdir, "resume", root)
-                train = [json.load(open(os.path.join(workdir, f"train-{r}.json"))) for r in range(nproc)]
-                resume = [json.load(open(os.path.join(workdir, f"resume-{r}.json"))) for r in range(nproc)]
-    finally:
-        if server is not None:
-            server.stop()
+
+def _store_options(root: Any, endpoint_url: str | None, region: str | None, project: str | None) -> dict[str, Any]:
+    """The store options the ranks pass on: those of the command line that apply to ``root``'s scheme."""
+    options: dict[str, Any] = {}
+    if root.scheme in ("s3", "gs") and endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    if root.scheme == "s3" and region:
+        options["region"] = region
+    if root.scheme == "gs" and project:
+        options["project"] = project
+    return options
+
+
+def _prepare_storage(root: Any, mode: str, store_options: dict[str, Any]) -> None:
+    """Create the demo bucket on an S3 endpoint, or check the given bucket, before any rank starts.
+
+    Failing here, with the store's own typed error, beats failing in every rank.
+    """
+    if root.scheme == "s3" and mode in ("embedded", "endpoint"):
+        _ensure_bucket(str(root), store_options)
+    elif not root.is_local:
+        from cloudckpt.store import open_store
+
+        open_store(root, **store_options).check_bucket()
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _summarize(train: list[dict[str, Any]], resume: list[dict[str, Any]], *, steps: int, every: int,
+               nproc: int) -> dict[str, Any]:
+    """The summary's numbers, from what rank 0 recorded while training and every rank on resume."""
     stats = train[0]
     uploads = [u for u in stats["uploads"] if u is not None]
     resumed = {r["step"] for r in resume}
-    summary = {
-        "uri": str(root),
-        "storage": where,
+    return {
         "ranks": nproc,
         "steps": steps,
         "every": every,
@@ -289,6 +440,8 @@ def run(
         "checkpoint_steps": [s["step"] for s in stats["saves"]],
         "committed_before_crash": stats["committed_at_crash"],
         "in_flight_at_crash": stats["in_flight_at_crash"],
+        # An upload that failed before the crash, on any rank: the real cause if nothing can be resumed.
+        "upload_errors": [e for t in train for e in t["upload_errors"]][:10],
         # The first save also starts the upload worker, its gloo group and the staging
         # buffers (one-time costs), so it is reported apart from the steady state.
         "first_blocking_ms": round(1000 * stats["saves"][0]["blocked_s"], 2),
@@ -297,12 +450,10 @@ def run(
         "upload_gbps": round(sum(u["bytes"] for u in uploads) / sum(u["seconds"] for u in uploads) / 1e9, 5)
         if uploads else None,
         "upload_seconds": [round(u["seconds"], 3) for u in uploads],
-        "resumed_from": next(iter(resumed)) if len(resumed) == 1 else sorted(resumed),
+        "resumed_from": next(iter(resumed)) if len(resumed) == 1 else sorted(resumed, key=str),
         "verified": all(r["verified"] for r in resume) and len(resumed) == 1 and None not in resumed,
         "mismatches": [m for r in resume for m in r["mismatches"]][:10],
-        "seconds": round(time.perf_counter() - t_start, 1),
     }
-    return summary
 
 
 def _rate(gbps: float | None) -> str:
@@ -324,8 +475,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  crashed after step        {s['steps']}" + (f" (upload of step {in_flight} still in flight)"
                                                       if in_flight is not None else ""),
         f"  resumed from step         {s['resumed_from']} (latest committed checkpoint)",
-        f"  state verified: {'OK' if s['verified'] else 'FAILED'}",
     ]
+    lines.extend(f"  upload failed             step {e['step']}: {e['error']}" for e in s.get("upload_errors", []))
+    lines.append(f"  state verified: {'OK' if s['verified'] else 'FAILED'}")
     if not s["verified"]:
         lines.extend(f"    mismatch: {m}" for m in s["mismatches"])
     lines.append(f"  ({s['seconds']:.1f} s in all)")
@@ -353,6 +505,14 @@ def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix.rstrip("."), obj
 
 
+def _tensor_bytes(t: Any) -> memoryview:
+    """A read-only byte view of a contiguous CPU tensor's memory (no copy, no numpy); keep ``t`` alive while used."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B").toreadonly()
+
+
 def _digest(state: dict[str, Any]) -> dict[str, str]:
     """CRC32C of every tensor's bytes (and repr of every other value), by flattened key."""
     import torch
@@ -363,8 +523,7 @@ def _digest(state: dict[str, Any]) -> dict[str, str]:
     for key, value in _flatten(state):
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
-            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            out[key] = f"{t.dtype}:{list(t.shape)}:{crc.crc32c(data):08x}"
+            out[key] = f"{t.dtype}:{list(t.shape)}:{crc.crc32c(_tensor_bytes(t)):08x}"
         else:
             out[key] = repr(value)
     return out
@@ -442,12 +601,22 @@ def _worker(phase: str, a: argparse.Namespace) -> int:
     committed = [h.step for h in handles if h.done() and h.upload_completion.exception() is None]
     uploads = [{"step": h.step, "bytes": state_bytes, "seconds": h.upload_s}
                if h.done() and h.upload_s else None for h in handles]
+    upload_errors = [dict(_describe_error(exc), step=h.step, rank=rank) for h in handles
+                     if h.done() and (exc := h.upload_completion.exception()) is not None]
     with open(os.path.join(a.workdir, f"train-{rank}.json"), "w") as f:
-        json.dump({"saves": saves, "uploads": uploads, "state_bytes": state_bytes,
+        json.dump({"saves": saves, "uploads": uploads, "state_bytes": state_bytes, "upload_errors": upload_errors,
                    "committed_at_crash": committed, "in_flight_at_crash": in_flight}, f)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(CRASH_EXIT)
+
+
+def _record_error(a: argparse.Namespace, exc: BaseException) -> None:
+    """Leave this rank's error where the launcher reads it (see :func:`_check_phase`)."""
+    path = _error_path(a.workdir, a.worker, int(os.environ.get("RANK", "0")))
+    with contextlib.suppress(Exception):  # never hide the error being reported
+        with open(path, "w") as f:
+            json.dump(_describe_error(exc), f)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -471,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m cloudckpt.demo``: the demo, or one of its ranks with ``--worker``."""
     a = _parser().parse_args(argv)
     if a.worker:
-        return _worker(a.worker, a)
+        try:
+            return _worker(a.worker, a)
+        except BaseException as exc:
+            _record_error(a, exc)
+            raise  # the traceback goes to the rank's log
     summary = run(steps=a.steps, every=a.every, size_mib=a.size_mib, nproc=a.nproc, uri=a.uri,
                   endpoint_url=a.endpoint_url)
     print(json.dumps(summary, indent=2) if a.json else format_summary(summary))

@@ -19,8 +19,10 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -87,7 +89,7 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 TOKEN_CHARS = 12
 
 
-def check_prefix_strategy(strategy: "str | int") -> None:
+def check_prefix_strategy(strategy: str | int) -> None:
     """ValueError unless ``strategy`` is a valid ``prefix_strategy``."""
     fan_out = isinstance(strategy, int) and not isinstance(strategy, bool) and strategy >= 2
     if not (fan_out or (isinstance(strategy, str) and strategy in PREFIX_STRATEGIES)):
@@ -95,7 +97,7 @@ def check_prefix_strategy(strategy: "str | int") -> None:
                          f"got {strategy!r}")
 
 
-def rank_prefix(rank: int, strategy: "str | int" = "none") -> str:
+def rank_prefix(rank: int, strategy: str | int = "none") -> str:
     """The name prefix of ``rank``'s data objects: ``__{rank}_`` behind a spreading tag.
 
     * ``"none"``: ``__{rank}_`` (FileSystemWriter's names: ``__12_0.distcp``);
@@ -118,7 +120,7 @@ def rank_prefix(rank: int, strategy: "str | int" = "none") -> str:
     return f"{tag}-__{rank}_"
 
 
-def data_object_name(prefix: "str | int", n: int, token: str | None = None) -> str:
+def data_object_name(prefix: str | int, n: int, token: str | None = None) -> str:
     """The ``n``-th data object of a rank: ``{prefix}{n}[.{token}].distcp``.
 
     ``prefix`` is a :func:`rank_prefix` (an int is taken as a rank with no
@@ -416,7 +418,7 @@ def _merge_small(segments: list[Any]) -> list[Any]:
     return out
 
 
-def frame_bytes(index: MetadataIndex, data: "bytes | bytearray | memoryview") -> FramedItem:
+def frame_bytes(index: MetadataIndex, data: bytes | bytearray | memoryview) -> FramedItem:
     """A BYTE_IO item: DCP's planner already produced its torch.save blob."""
     data = bytes(data)
     return FramedItem(index=index, segments=[data], size=len(data))

@@ -33,8 +33,9 @@ import enum
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 __all__ = [
     "FailureKind",
@@ -353,8 +354,8 @@ def call(
         number = len(previous) + 1
         if limiter is not None and not limiter.acquire(deadline=deadline, cancel=cancel):
             last = TimeoutError("no request slot became free")
-            reason = "cancelled" if scope is not None and scope.cancelled() else "deadline"
-            raise GaveUp(last, previous[-1] if previous else FailureKind.THROTTLE, reason, number - 1,
+            why = "cancelled" if scope is not None and scope.cancelled() else "deadline"
+            raise GaveUp(last, previous[-1] if previous else FailureKind.THROTTLE, why, number - 1,
                          time.monotonic() - start)
         started = time.monotonic()
         try:
@@ -365,7 +366,7 @@ def call(
                 result = fn(Attempt(number, tuple(previous)))
             finally:
                 _IN_ATTEMPT.reset(token)
-        except Exception as exc:  # noqa: BLE001 - classified below; final errors re-raised unchanged
+        except Exception as exc:  # classified below; final errors re-raised unchanged
             if limiter is not None:
                 limiter.release()
             kind = classify(exc)
@@ -374,7 +375,7 @@ def call(
             now = time.monotonic()
             if kind is FailureKind.THROTTLE and limiter is not None:
                 limiter.on_throttle(started)
-            reason = None
+            reason: str | None = None
             if kind is FailureKind.CONNECT:
                 if health is not None:
                     health.mark_unreachable()

@@ -57,7 +57,7 @@ class Stager:
             ))
         return self._impl
 
-    def stage(self, state_dict: dict[str, Any]) -> "dict[str, Any] | Future[dict[str, Any]]":
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any] | Future[dict[str, Any]]:
         """Copy ``state_dict`` into the staging buffers.
 
         Returns the staged dict, or a Future of it with ``async_staging=True``
@@ -74,7 +74,7 @@ class Stager:
         self._impl = None
         self._closed = True
 
-    def __enter__(self) -> "Stager":
+    def __enter__(self) -> Stager:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -35,3 +35,38 @@ def test_top_frames_counts_self_and_inclusive_samples(tmp_path: Path) -> None:
     assert "| 3 | 75.0% | `send (b.py:2)` |" in self_part
     assert "| 4 | 100.0% | `main (a.py:1)` |" in incl_part
     assert "MainThread" not in text  # thread names are not frames
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+    """benchmarks module -> the benchmarks modules it imports, at top level or inside functions."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            deps.update(n.split(".")[1] for n in names if n.startswith("benchmarks."))
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_benchmark_modules_import_each_other_without_a_cycle():
+    graph = _benchmark_imports()
+    assert {"run", "sweep", "pyspy", "runner"} <= set(graph)
+    state: dict[str, str] = {}
+
+    def visit(mod: str, path: list[str]) -> None:
+        if state.get(mod) == "done":
+            return
+        assert state.get(mod) != "open", f"import cycle: {' -> '.join(path + [mod])}"
+        state[mod] = "open"
+        for dep in sorted(graph.get(mod, ())):
+            visit(dep, path + [mod])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        visit(mod, [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 from cloudckpt.store.base import Buffer
 
@@ -56,7 +56,7 @@ class SegmentReader(io.RawIOBase):
         self._pos = pos
         return pos
 
-    def readinto(self, b: "bytearray | memoryview") -> int:  # type: ignore[override]
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         out = memoryview(b).cast("B")
         n = 0
         want = out.nbytes

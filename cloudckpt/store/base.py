@@ -20,11 +20,12 @@ Conventions shared by all backends:
 from __future__ import annotations
 
 import abc
+import builtins
 import datetime as _dt
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence, Union
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 Body = Sequence[Buffer]
 
 __all__ = [
@@ -144,8 +145,9 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Yield every object whose key starts with ``prefix`` (recursive, key order)."""
 
+    # In this class body `list` is the method above, so the builtin is named in full below.
     @abc.abstractmethod
-    def list_prefixes(self, prefix: str) -> list[str]:
+    def list_prefixes(self, prefix: str) -> builtins.list[str]:
         """Return the immediate "sub-directories" of ``prefix`` (keys ending in '/')."""
 
     @abc.abstractmethod
@@ -177,11 +179,11 @@ class ObjectStore(abc.ABC):
         """Abort an upload and free its parts; aborting an unknown upload is not an error."""
 
     @abc.abstractmethod
-    def list_multipart_uploads(self, prefix: str) -> list[MultipartUpload]:
+    def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
         """Return uploads under ``prefix`` that were neither completed nor aborted."""
 
     # -- lifecycle -----------------------------------------------------------
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: stores that hold no clients need not override it
         """Release clients and connection pools (the store stays usable; they are recreated)."""
 
     def __getstate__(self) -> dict:

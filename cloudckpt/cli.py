@@ -469,6 +469,8 @@ def cmd_demo(args: argparse.Namespace, out: _Out) -> int:
                            log=out.info)
     except ValueError as exc:  # bad --steps/--every/--size-mib/--nproc
         raise CLIError(str(exc), EXIT_USAGE) from exc
+    except demo.DemoError as exc:  # its message names the failing rank, the cause and the log tail
+        raise CLIError(str(exc), EXIT_PROBLEMS) from exc
     out.result(summary, demo.format_summary(summary))
     return EXIT_OK if summary.get("verified") else EXIT_PROBLEMS
 
@@ -595,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(exc)
         message = str(exc) or type(exc).__name__
         if code == EXIT_MISSING and "pip install" not in message:
-            message = f"{message} (a package this command needs is not installed: pip install 'cloudckpt[all]')"
+            extra = "demo" if getattr(args, "command", None) == "demo" else "all"
+            message = f"{message} (a package this command needs is not installed: pip install 'cloudckpt[{extra}]')"
         elif code == EXIT_LOCAL_FS and isinstance(exc, OSError) and not isinstance(exc, CloudCheckpointError):
             message = (f"{message} (the local file system refused the operation: check free space, quota, "
                        "permissions and the path)")

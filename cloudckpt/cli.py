@@ -33,8 +33,9 @@ import re
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = ["main", "exit_code_for", "parse_duration", "EXIT_CODES"]
 
@@ -141,8 +142,8 @@ def _when(t: _dt.datetime | None) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -591,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cloudckpt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BaseException as exc:  # noqa: BLE001 - every error becomes one line and an exit code
+    except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
         code = exit_code_for(exc)

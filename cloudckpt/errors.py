@@ -8,7 +8,8 @@ whole family with one ``except``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 class CloudCheckpointError(Exception):

@@ -19,9 +19,8 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -442,8 +441,10 @@ class TensorRecord:
 
     def is_dense(self) -> bool:
         """True if the tensor is the whole storage, contiguous, from element 0."""
+        if len(self.size) != len(self.stride):
+            return False
         expected = 1
-        for s, st in zip(reversed(self.size), reversed(self.stride)):
+        for s, st in zip(reversed(self.size), reversed(self.stride), strict=True):
             if s != 1 and st != expected:
                 return False
             expected *= s

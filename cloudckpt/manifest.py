@@ -21,7 +21,8 @@ import dataclasses
 import datetime as _dt
 import json
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from cloudckpt import crc, layout
 from cloudckpt.errors import IntegrityError

@@ -28,8 +28,9 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from cloudckpt import layout
 from cloudckpt.errors import (
@@ -186,7 +187,7 @@ def _summary(root: StorageURI, child: str, objs: Mapping[str, ObjectInfo], uploa
                              len(objs), total, when, len(uploads))
 
 
-def list_uri(store: ObjectStore, uri: StorageURI) -> "RootListing | CheckpointListing":
+def list_uri(store: ObjectStore, uri: StorageURI) -> RootListing | CheckpointListing:
     """The checkpoint at ``uri`` with its objects, or the checkpoints and prefixes under a root."""
     listing = _listing(store, uri)
     uploads = _uploads_by_child(store, uri)

@@ -10,9 +10,10 @@ Keeping that routing in one table (rather than lists of "writer-only" and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["STORE", "WRITER", "READER", "OPTIONS", "SplitOptions", "split_options"]
 

@@ -44,8 +44,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "PreemptionNotice",
@@ -96,7 +97,7 @@ class StopDecision:
         return f"v1|{self.step}|{self.deadline:.6f}|{self.source}|{self.rank}"
 
     @classmethod
-    def decode(cls, raw: "bytes | str") -> "StopDecision":
+    def decode(cls, raw: bytes | str) -> StopDecision:
         """Parse a stored value (strictly: a malformed one is an error, not a guess)."""
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         parts = text.split("|")
@@ -319,7 +320,7 @@ class PreemptionWatcher:
         return self._notice  # type: ignore[return-value]
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "PreemptionWatcher":
+    def start(self) -> PreemptionWatcher:
         """Install the signal handlers (main thread only) and start the metadata poller."""
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
@@ -353,7 +354,7 @@ class PreemptionWatcher:
 
     def _poll_loop(self, pollers: list[Any]) -> None:
         active: list[Any] = []
-        for attempt in range(self.probe_attempts):
+        for _ in range(self.probe_attempts):
             for p in pollers:
                 if p not in active and self._safe(p.probe, False):
                     active.append(p)

@@ -10,7 +10,7 @@ from cloudckpt.uri import StorageURI, parse_uri
 __all__ = ["Body", "MultipartUpload", "ObjectInfo", "ObjectStore", "PartResult", "body_size", "open_store"]
 
 
-def open_store(uri: "str | StorageURI", **options: Any) -> ObjectStore:
+def open_store(uri: str | StorageURI, **options: Any) -> ObjectStore:
     """Return the backend for ``uri``'s scheme, configured with ``options``."""
     u = parse_uri(uri)
     if u.scheme == "s3":

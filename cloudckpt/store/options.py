@@ -17,7 +17,8 @@ import base64
 import dataclasses
 import re
 import urllib.parse
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from cloudckpt.errors import InvalidStoreOptionError, UnknownStoreOptionError
 
@@ -117,7 +118,7 @@ class SecretBytes:
         return (SecretBytes, (self._value,))
 
 
-def _sse_customer_key(value: Any) -> Optional[SecretBytes]:
+def _sse_customer_key(value: Any) -> SecretBytes | None:
     """A 256-bit SSE-C key from raw bytes, a 32-character string, or base64 text."""
     if value is None:
         return None
@@ -136,12 +137,13 @@ def _sse_customer_key(value: Any) -> Optional[SecretBytes]:
         raise UnknownStoreOptionError(f"sse_customer_key must be bytes or str, got {type(value).__name__}")
     if len(raw) != 32:
         # Never echo the value: only its length.
-        raise InvalidStoreOptionError(f"sse_customer_key must be a 256-bit AES key (32 bytes, raw or base64), got {len(raw)} "
+        raise InvalidStoreOptionError(
+            f"sse_customer_key must be a 256-bit AES key (32 bytes, raw or base64), got {len(raw)} "
                          "bytes")
     return SecretBytes(raw)
 
 
-def _string_map(name: str, value: Optional[Mapping[str, Any]]) -> dict[str, str]:
+def _string_map(name: str, value: Mapping[str, Any] | None) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -170,13 +172,13 @@ class S3RequestOptions:
     """
 
     bucket: str
-    server_side_encryption: Optional[str] = None
-    sse_kms_key_id: Optional[str] = None
-    bucket_key_enabled: Optional[bool] = None
-    sse_customer_key: Optional[SecretBytes] = None
-    request_payer: Optional[str] = None
-    expected_bucket_owner: Optional[str] = None
-    storage_class: Optional[str] = None
+    server_side_encryption: str | None = None
+    sse_kms_key_id: str | None = None
+    bucket_key_enabled: bool | None = None
+    sse_customer_key: SecretBytes | None = None
+    request_payer: str | None = None
+    expected_bucket_owner: str | None = None
+    storage_class: str | None = None
     object_tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     object_metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -193,20 +195,25 @@ class S3RequestOptions:
     def _validate_encryption(self) -> None:
         sse = self.server_side_encryption
         if sse is not None and sse not in _SSE_VALUES:
-            raise InvalidStoreOptionError(f"server_side_encryption={sse!r} is not one of {', '.join(map(repr, _SSE_VALUES))}")
+            raise InvalidStoreOptionError(
+                f"server_side_encryption={sse!r} is not one of {', '.join(map(repr, _SSE_VALUES))}")
         if self.sse_kms_key_id is not None:
             if sse not in _KMS:
-                raise InvalidStoreOptionError("sse_kms_key_id needs server_side_encryption='aws:kms' (or 'aws:kms:dsse'), "
+                raise InvalidStoreOptionError(
+                    "sse_kms_key_id needs server_side_encryption='aws:kms' (or 'aws:kms:dsse'), "
                                  f"got server_side_encryption={sse!r}")
             if not isinstance(self.sse_kms_key_id, str) or not self.sse_kms_key_id.strip():
                 raise InvalidStoreOptionError("sse_kms_key_id must be a KMS key id, key ARN or alias ARN")
         if self.bucket_key_enabled is not None:
             if not isinstance(self.bucket_key_enabled, bool):
-                raise UnknownStoreOptionError(f"bucket_key_enabled must be True or False, got {self.bucket_key_enabled!r}")
+                raise UnknownStoreOptionError(
+                    f"bucket_key_enabled must be True or False, got {self.bucket_key_enabled!r}")
             if sse not in _KMS and not is_directory_bucket(self.bucket):
-                raise InvalidStoreOptionError("bucket_key_enabled applies to SSE-KMS only: set server_side_encryption='aws:kms'")
+                raise InvalidStoreOptionError(
+                    "bucket_key_enabled applies to SSE-KMS only: set server_side_encryption='aws:kms'")
         if self.sse_customer_key is not None and sse is not None:
-            raise InvalidStoreOptionError("sse_customer_key (SSE-C) cannot be combined with server_side_encryption: S3 encrypts "
+            raise InvalidStoreOptionError(
+                "sse_customer_key (SSE-C) cannot be combined with server_side_encryption: S3 encrypts "
                              "an object with one method; drop one of them")
 
     def _validate_rest(self) -> None:
@@ -218,30 +225,36 @@ class S3RequestOptions:
         sc = self.storage_class
         if sc is not None:
             if sc in _ARCHIVE_CLASSES:
-                raise InvalidStoreOptionError(f"storage_class={sc!r} needs a restore request before each read, so a checkpoint "
+                raise InvalidStoreOptionError(
+                    f"storage_class={sc!r} needs a restore request before each read, so a checkpoint "
                                  "written there could not be loaded; use e.g. 'STANDARD_IA' or 'GLACIER_IR', or a "
                                  "lifecycle rule to archive old checkpoints")
             if sc not in _S3_STORAGE_CLASSES:
                 raise InvalidStoreOptionError(f"storage_class={sc!r} is not an S3 storage class "
                                  f"({', '.join(_S3_STORAGE_CLASSES)})")
         if len(self.object_tags) > 10:
-            raise InvalidStoreOptionError(f"object_tags has {len(self.object_tags)} tags; S3 allows at most 10 per object")
+            raise InvalidStoreOptionError(
+                f"object_tags has {len(self.object_tags)} tags; S3 allows at most 10 per object")
         for k, v in self.object_tags.items():
             if len(k) > 128 or len(v) > 256:
-                raise InvalidStoreOptionError(f"object tag {k!r}: keys are at most 128 characters and values at most 256")
+                raise InvalidStoreOptionError(
+                    f"object tag {k!r}: keys are at most 128 characters and values at most 256")
         if sum(len(k) + len(v) for k, v in self.object_metadata.items()) > 1024:
             # S3 allows 2 KB of user metadata; cloudckpt keeps the rest for its own keys.
-            raise InvalidStoreOptionError("object_metadata is larger than 1 KiB; S3 allows 2 KiB of user metadata per object "
+            raise InvalidStoreOptionError(
+                "object_metadata is larger than 1 KiB; S3 allows 2 KiB of user metadata per object "
                              "and cloudckpt needs some of it")
 
     def _validate_directory_bucket(self) -> None:
         """Reject what S3 Express One Zone directory buckets refuse, before any request."""
         b = self.bucket
         if self.server_side_encryption == "aws:kms:dsse":
-            raise InvalidStoreOptionError(f"directory bucket {b} does not support server_side_encryption='aws:kms:dsse'; "
+            raise InvalidStoreOptionError(
+                f"directory bucket {b} does not support server_side_encryption='aws:kms:dsse'; "
                              "use 'aws:kms' or 'AES256' matching the bucket's default encryption")
         if self.sse_kms_key_id is not None:
-            raise InvalidStoreOptionError(f"directory bucket {b} always uses its default encryption key (one customer-managed "
+            raise InvalidStoreOptionError(
+                f"directory bucket {b} always uses its default encryption key (one customer-managed "
                              "KMS key per bucket); drop sse_kms_key_id and set the key in the bucket's default "
                              "encryption")
         if self.bucket_key_enabled is False:
@@ -283,7 +296,7 @@ class S3RequestOptions:
             out["ExpectedSourceBucketOwner"] = self.expected_bucket_owner
         return out
 
-    def extra(self, operation: str, metadata: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    def extra(self, operation: str, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The boto3 parameters ``operation`` (e.g. ``"PutObject"``) must carry.
 
         ``metadata`` is the call's own object metadata; it is merged over
@@ -370,13 +383,14 @@ class GCSRequestOptions:
       and ``x-goog-storage-class`` headers).
     """
 
-    kms_key_name: Optional[str] = None
-    user_project: Optional[str] = None
-    storage_class: Optional[str] = None
+    kms_key_name: str | None = None
+    user_project: str | None = None
+    storage_class: str | None = None
 
     def __post_init__(self) -> None:
         if self.kms_key_name is not None and not _GCS_KMS_RE.match(str(self.kms_key_name)):
-            raise InvalidStoreOptionError(f"kms_key_name={self.kms_key_name!r} is not a Cloud KMS key name; write it as "
+            raise InvalidStoreOptionError(
+                f"kms_key_name={self.kms_key_name!r} is not a Cloud KMS key name; write it as "
                              "projects/P/locations/L/keyRings/R/cryptoKeys/K")
         if self.user_project is not None and (not isinstance(self.user_project, str) or not self.user_project):
             raise InvalidStoreOptionError(f"user_project must be the GCP project id to bill, got {self.user_project!r}")

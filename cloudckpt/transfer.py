@@ -30,7 +30,7 @@ import queue
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from cloudckpt import crc, retry
 from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, TransferError
@@ -603,20 +603,30 @@ class TransferEngine:
 
 
 def abort_incomplete_uploads(store: ObjectStore, prefix: str, *, unless_exists: str | None = None,
-                             timeout: float = 30.0) -> int:
-    """Abort every incomplete multipart upload under ``prefix``; return how many. Never raises.
+                             tokens: "Iterable[str] | None" = None, timeout: float = 30.0) -> int:
+    """Abort incomplete multipart uploads under ``prefix``; return how many. Never raises.
 
-    For the coordinator of a failed save: a rank that died mid-upload cannot
-    abort its own uploads. Nothing is done if the object ``unless_exists`` (the
-    commit marker) exists. Bounded by ``timeout`` seconds whatever the store's
-    health (a dead endpoint fails at once after its first give-up).
+    With ``tokens``, only uploads of data objects whose name carries one of
+    those save tokens (:func:`cloudckpt.layout.parse_data_object_name`) are
+    aborted: the uploads of one save, never those of a concurrent save of the
+    same checkpoint. Without, every upload under ``prefix`` is (for ``gc``).
+    Nothing is done if the object ``unless_exists`` (the commit marker)
+    exists. Bounded by ``timeout`` seconds whatever the store's health (a dead
+    endpoint fails at once after its first give-up).
     """
+    from cloudckpt import layout
+
+    wanted = None if tokens is None else {t[:layout.TOKEN_CHARS] for t in tokens}
     aborted = 0
     with retry.use_scope(RetryScope(deadline=time.monotonic() + timeout)):
         try:
             if unless_exists is not None and store.head(unless_exists) is not None:
                 return 0
             for up in store.list_multipart_uploads(prefix):
+                if wanted is not None:
+                    parsed = layout.parse_data_object_name(up.key)
+                    if parsed is None or parsed[2] not in wanted:
+                        continue
                 try:
                     store.abort_multipart(up.key, up.upload_id)
                     aborted += 1

@@ -65,6 +65,19 @@ class _CloudStoragePrefix(_StoragePrefix):
 
 
 @dataclasses.dataclass(frozen=True)
+class _SaveToken:
+    """A local plan's ``storage_data``: tells the coordinator this rank's save token.
+
+    Information only, for cleanup after a failed save (the coordinator then
+    aborts a dead rank's uploads, and only this save's). Object names never
+    depend on it: each rank names its objects with its own token, because DCP's
+    plan caching replays the first save's plans (and then this does not arrive).
+    """
+
+    token: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ItemWriteInfo:
     """``WriteResult.storage_data`` as it travels to rank 0.
 
@@ -157,10 +170,12 @@ class CloudStorageWriter(StorageWriter):
         return self.save_id[:layout.TOKEN_CHARS]
 
     def known_save_tokens(self) -> frozenset[str]:
-        """Save tokens of the current save that this rank knows: its own, and every rank's after ``finish``.
+        """Save tokens of the current save that this rank knows.
 
-        Used to clean up after a failed save without touching a concurrent
-        save's objects or uploads.
+        Its own; on the coordinator also every rank's, from the local plans
+        (unless a caching or custom planner dropped them) and from the write
+        results in ``finish``. Used to clean up after a failed save without
+        touching a concurrent save's objects or uploads.
         """
         return frozenset(self._known_tokens | {self.save_token})
 
@@ -228,8 +243,9 @@ class CloudStorageWriter(StorageWriter):
             self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        """Nothing per rank: the existence check is made once, by rank 0."""
-        return plan
+        """Tell rank 0 this rank's save token; the existence check is made once, by rank 0."""
+        # dataclasses.replace keeps plan-caching's usable=False plans intact.
+        return dataclasses.replace(plan, storage_data=_SaveToken(self.save_token))
 
     def _save_deadline(self) -> float | None:
         """The ``time.monotonic()`` instant this save must end by (None: no deadline)."""
@@ -243,6 +259,8 @@ class CloudStorageWriter(StorageWriter):
             return self._prepare_global_plan(plans)
 
     def _prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Every rank's token, as far as the planner passed them on (see _SaveToken).
+        self._known_tokens |= {p.storage_data.token for p in plans if isinstance(p.storage_data, _SaveToken)}
         uri = self._require_uri()
         store = self.store
         store.check_bucket()

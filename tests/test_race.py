@@ -215,3 +215,26 @@ def test_failed_save_aborts_only_its_own_uploads(backend):
         cloudckpt.save(_state_dict(3), uri, storage_writer=writer, planner=_FailingPlanner(), no_dist=True)
     pending = {m.key for m in store.list_multipart_uploads(u.key(""))}
     assert pending == {theirs}
+
+
+class _CachingPlanner(DefaultSavePlanner):
+    """Plan caching on, under its own class name (DCP's plan caches are class-level, keyed by it)."""
+
+    def __init__(self) -> None:
+        super().__init__(enable_plan_caching=True)
+
+
+def test_plan_caching_still_gives_every_save_its_own_names(backend):
+    # The cached plan replays the first save's storage_data; the token must not come from there.
+    names = []
+    for i in range(3):
+        uri = backend.uri("ckpt")
+        sd = _state_dict(20 + i)
+        writer = cloudckpt.storage_writer(uri, overwrite=True, **backend.options)
+        cloudckpt.save(sd, uri, storage_writer=writer, planner=_CachingPlanner(), no_dist=True)
+        data = sorted(k for k in backend.keys(uri) if k.endswith(layout.DATA_SUFFIX))
+        assert {layout.parse_data_object_name(k)[2] for k in data} == {writer.save_token}
+        names.append(data)
+        got = _load(uri, backend.options, sd)
+        assert all(torch.equal(got[k], sd[k]) for k in sd)
+    assert len({tuple(n) for n in names}) == 3

@@ -251,7 +251,7 @@ def test_executors_are_torch_async_executors():
 
     for cls in (cloudckpt.ThreadCheckpointExecutor, cloudckpt.ProcessCheckpointExecutor):
         assert issubclass(cls, _AsyncCheckpointExecutor)
-    assert cloudckpt.async_save.__module__ == "cloudckpt.executors"
+    assert cloudckpt.async_save.__module__ == "cloudckpt.api"  # the façade sits above the executors
     assert {"staging_completion", "upload_completion"} <= set(cloudckpt.AsyncSaveResponse.__dataclass_fields__)
 
 

@@ -67,12 +67,12 @@ def save(
 
 def _abort_uncommitted(writer: CloudStorageWriter) -> None:
     # A rank that died mid-upload cannot abort its multipart uploads; the
-    # coordinator of the failed (uncommitted) save does it for every rank.
+    # coordinator of the failed save aborts those of this save that it knows
+    # of (by the save tokens in their names), never a concurrent save's.
     if not (writer.is_coordinator and writer.use_collectives and writer.uri is not None):
         return
     try:
-        abort_incomplete_uploads(writer.store, writer.uri.key(""),
-                                 unless_exists=writer.uri.key(writer.metadata_name()))
+        abort_incomplete_uploads(writer.store, writer.uri.key(""), tokens=writer.known_save_tokens())
     except Exception:  # noqa: BLE001 - never hide the save's own error
         pass
 

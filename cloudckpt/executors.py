@@ -23,6 +23,7 @@ fix the weaknesses of torch's own (docs/executors.md):
 from __future__ import annotations
 
 import atexit
+import copy
 import datetime as _dt
 import logging
 import os
@@ -301,6 +302,9 @@ class _SaveContext:
     distributed: bool
     checkpoint_id: Any
     request: bytes
+    #: The save id pinned on the writer sent to the child (None: not a cloudckpt writer);
+    #: the parent finds the child's uploads by the token it puts in their names.
+    save_id: str | None = None
 
     @property
     def abort_key(self) -> str:
@@ -394,6 +398,22 @@ def _picklable(exc: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return CheckpointWorkerError(f"{type(exc).__name__}: {exc}\n{text}")
+
+
+def _pin_save_id(writer: Any) -> tuple[Any, str | None]:
+    """A copy of ``writer`` pinned to a fresh save id, and that id (``writer`` itself and None if not ours).
+
+    The parent then knows the token in every data object name the child
+    writes, and after the child dies aborts exactly those uploads.
+    """
+    from cloudckpt.writer import CloudStorageWriter
+
+    if not isinstance(writer, CloudStorageWriter):
+        return writer, None
+    save_id = uuid.uuid4().hex
+    pinned = copy.copy(writer)  # the caller's writer stays as it was
+    pinned.pin_save_id(save_id)
+    return pinned, save_id
 
 
 def _describe_exit(code: int | None) -> str:
@@ -619,11 +639,12 @@ class ProcessCheckpointExecutor(_BaseExecutor):
 
             storage_writer = writer_for(checkpoint_id)
         rank, world, distributed = self._group_info(process_group, no_dist)
+        storage_writer, save_id = _pin_save_id(storage_writer)
         # The child saves on its own default group, whose ranks mirror process_group's.
         request = self._pickle_request(storage_writer, planner, dict(
             checkpoint_id=checkpoint_id, no_dist=not distributed, use_collectives=use_collectives, **kwargs))
         self._ensure_child(process_group, rank, world, distributed)
-        save = _SaveContext(self._seq, rank, distributed, checkpoint_id, request)
+        save = _SaveContext(self._seq, rank, distributed, checkpoint_id, request, save_id)
         child = self._child
         assert child is not None
         staged = staging_future_or_state_dict
@@ -756,19 +777,32 @@ class ProcessCheckpointExecutor(_BaseExecutor):
 
     def _cleanup_uploads(self, save: _SaveContext) -> None:
         # The dead (or killed) child could not abort its multipart uploads: do it here.
+        # Only this save's own uploads (the token of the save id pinned on its writer):
+        # never a concurrent save's, and found whatever prefix_strategy named them.
+        from cloudckpt import layout
+
+        if save.save_id is None:
+            return  # not one of our writers: nothing we know how to recognise
+        token = save.save_id[:layout.TOKEN_CHARS]
         try:
             writer = pickle.loads(save.request)[0]
             if save.checkpoint_id is not None:
                 writer.reset(save.checkpoint_id)
             store, uri = writer.store, writer.uri
-            prefix = uri.key(f"__{save.rank}_")
+            # With collectives the child's rank in its group is ours, and rank 0 gave it
+            # rank_prefix(rank); otherwise look under the whole checkpoint.
+            name_prefix = layout.rank_prefix(save.rank, writer.prefix_strategy) \
+                if save.distributed and pickle.loads(save.request)[2].get("use_collectives", True) else ""
+            prefix = uri.key(name_prefix)
         except Exception:  # noqa: BLE001 - not one of our writers: nothing we know how to clean
             return
         try:
             # Twice: a create request the child sent just before dying may land late.
             for attempt in range(2):
                 for up in store.list_multipart_uploads(prefix):
-                    store.abort_multipart(up.key, up.upload_id)
+                    parsed = layout.parse_data_object_name(up.key)
+                    if parsed is not None and parsed[2] == token:
+                        store.abort_multipart(up.key, up.upload_id)
                 if attempt == 0:
                     time.sleep(0.5)
         except Exception:  # noqa: BLE001 - best effort; the bucket's lifecycle rule / gc cleans up

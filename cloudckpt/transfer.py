@@ -30,7 +30,7 @@ import queue
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from cloudckpt import crc, retry
 from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, TransferError
@@ -315,6 +315,134 @@ class _Failure:
         return self.event.is_set()
 
 
+def _segment_starts(segments: Sequence[Buffer]) -> list[int]:
+    """The object offset at which each segment starts."""
+    starts, pos = [], 0
+    for s in segments:
+        starts.append(pos)
+        pos += memoryview(s).nbytes
+    return starts
+
+
+def _piece_crcs(pieces: list[tuple[int, memoryview]]) -> list[tuple[int, int, int]]:
+    return [(off, mv.nbytes, crc.crc32c(mv)) for off, mv in pieces]
+
+
+class _UploadCoordinator:
+    """The tasks of one :meth:`TransferEngine.upload` call and the state they share.
+
+    Like s3transfer's upload tasks, each step is a method run on the pool:
+    :meth:`put_small` (one PUT), :meth:`start_multipart`, :meth:`put_part` and
+    :meth:`complete`. The coordinator records every multipart upload started
+    and every object completed (under one lock, by the task itself, so work
+    that finishes after another task failed is still known) and owns the
+    cleanup after a failure: :meth:`cleanup`.
+    """
+
+    def __init__(self, store: ObjectStore, scope: RetryScope, failure: _Failure,
+                 progress: Callable[[int], None] | None) -> None:
+        self.store = store
+        self.scope = scope
+        self.failure = failure
+        self._progress = progress
+        self._lock = threading.Lock()
+        #: key -> upload id of every multipart upload started and not completed (aborted on failure).
+        self.uploads: dict[str, str] = {}
+        #: Keys of objects completed by this upload (deleted on failure).
+        self.completed: list[str] = []
+        #: Keys uploaded in parts: any incomplete upload of them is this upload's.
+        self.multipart_keys: list[str] = []
+
+    def guarded(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as a task: skipped once any task failed, run in the upload's retry scope, failure recorded."""
+        def run(*args: Any) -> Any:
+            if self.failure.is_set():
+                return None  # another request failed: don't start new work
+            try:
+                with retry.use_scope(self.scope):
+                    return fn(*args)
+            except BaseException as exc:
+                self.failure.set(exc)
+                raise
+        return run
+
+    def _report(self, nbytes: int) -> None:
+        if self._progress:
+            self._progress(nbytes)
+
+    def put_small(self, obj: ObjectUpload, starts: list[int]) -> list[tuple[int, int, int]]:
+        """Upload a whole object in one PUT; return its piece CRCs."""
+        pieces = _slice_segments(obj.segments, starts, 0, obj.size)
+        crcs = _piece_crcs(pieces)
+        whole = crc.combine_all((c, n) for _, n, c in crcs)
+        self.store.put(obj.key, [mv for _, mv in pieces], crc32c=whole)
+        with self._lock:
+            self.completed.append(obj.key)
+        self._report(obj.size)
+        return crcs
+
+    def start_multipart(self, obj: ObjectUpload) -> str:
+        """Start a multipart upload; return its id."""
+        upload_id = self.store.create_multipart(obj.key)
+        # Recorded here, not by the waiting thread, so an upload that starts
+        # after another request failed is still aborted.
+        with self._lock:
+            self.uploads[obj.key] = upload_id
+        return upload_id
+
+    def put_part(self, obj: ObjectUpload, starts: list[int], upload_id: str, number: int, begin: int, end: int
+                 ) -> tuple[PartResult, list[tuple[int, int, int]]]:
+        """Upload part ``number`` (bytes ``[begin, end)``); return its result and piece CRCs."""
+        pieces = _slice_segments(obj.segments, starts, begin, end)
+        crcs = _piece_crcs(pieces)
+        part_crc = crc.combine_all((c, n) for _, n, c in crcs)
+        result = self.store.upload_part(obj.key, upload_id, number, [mv for _, mv in pieces], crc32c=part_crc)
+        self._report(end - begin)
+        return result, crcs
+
+    def complete(self, key: str, upload_id: str, parts: list[PartResult]) -> None:
+        """Complete a multipart upload: from now on it is an object to delete on failure, not to abort."""
+        self.store.complete_multipart(key, upload_id, parts)
+        with self._lock:
+            self.uploads.pop(key, None)
+            self.completed.append(key)
+
+    def cleanup(self, timeout: float) -> None:
+        """After a failure: abort every upload started here, delete every object completed here.
+
+        Best effort, but never hides the original error: nothing here raises.
+        Its own short deadline keeps a dead endpoint from stretching the failure.
+        """
+        with self._lock:
+            uploads, completed = dict(self.uploads), list(self.completed)
+        with retry.use_scope(RetryScope(deadline=time.monotonic() + timeout)):
+            for key, upload_id in uploads.items():
+                try:
+                    self.store.abort_multipart(key, upload_id)
+                except CloudCheckpointError:
+                    pass
+            self._abort_unknown(uploads)
+            if completed:
+                try:
+                    self.store.delete_many(completed)
+                except CloudCheckpointError:
+                    pass
+
+    def _abort_unknown(self, known: dict[str, str]) -> None:
+        # A start whose reply was lost leaves an upload no request knows the id
+        # of. These keys belong to this rank's save alone, so every incomplete
+        # upload of them is garbage.
+        if not self.multipart_keys:
+            return
+        keys = set(self.multipart_keys)
+        try:
+            for up in self.store.list_multipart_uploads(os.path.commonprefix(sorted(keys))):
+                if up.key in keys and known.get(up.key) != up.upload_id:
+                    self.store.abort_multipart(up.key, up.upload_id)
+        except CloudCheckpointError:
+            pass
+
+
 class TransferEngine:
     """Runs one rank's uploads and downloads on one bounded pool.
 
@@ -379,123 +507,29 @@ class TransferEngine:
         raised. Nothing is swallowed. ``deadline`` is a ``time.monotonic()``
         instant (the writer passes the save's start + ``save_deadline``); by
         default it is ``save_deadline`` seconds from now.
+
+        The steps, each a task on one bounded pool (as s3transfer's task
+        classes): small objects are one PUT each; a large one is started, its
+        parts are sent, and it is completed. An :class:`_UploadCoordinator`
+        owns what those tasks share (started and completed uploads) and the
+        cleanup after a failure.
         """
         if not objects:
             return []
-        opts = self.options
-        started = time.monotonic()
-        if deadline is None and opts.save_deadline is not None:
-            deadline = started + opts.save_deadline
+        if deadline is None and self.options.save_deadline is not None:
+            deadline = time.monotonic() + self.options.save_deadline
+        part_size = self._plan_upload(objects)
         failure = _Failure()
-        pacing = plan_pacing(opts, self.store.scheme, self.world_size)
-        base_part_size = plan_budget_part_size([o.size for o in objects], opts.part_size, pacing.max_requests,
-                                               self.store)
-        self.pacing = pacing = dataclasses.replace(pacing, part_size=base_part_size, requests=count_requests(
-            [o.size for o in objects], base_part_size, self.store))
-        scope = self._scope(failure, deadline, pacing)
-        state_lock = threading.Lock()
-        uploads: dict[str, str] = {}  # key -> upload id, for abort
-        completed: list[str] = []
-
-        def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def run(*args: Any) -> Any:
-                if failure.is_set():
-                    return None  # another request failed: don't start new work
-                try:
-                    with retry.use_scope(scope):
-                        return fn(*args)
-                except BaseException as exc:
-                    failure.set(exc)
-                    raise
-            return run
-
-        def piece_crcs(pieces: list[tuple[int, memoryview]]) -> list[tuple[int, int, int]]:
-            return [(off, mv.nbytes, crc.crc32c(mv)) for off, mv in pieces]
-
-        def put_small(obj: ObjectUpload, starts: list[int]) -> list[tuple[int, int, int]]:
-            pieces = _slice_segments(obj.segments, starts, 0, obj.size)
-            crcs = piece_crcs(pieces)
-            whole = crc.combine_all((c, n) for _, n, c in crcs)
-            self.store.put(obj.key, [mv for _, mv in pieces], crc32c=whole)
-            with state_lock:
-                completed.append(obj.key)
-            if progress:
-                progress(obj.size)
-            return crcs
-
-        def start_multipart(obj: ObjectUpload) -> str:
-            upload_id = self.store.create_multipart(obj.key)
-            # Recorded here, not by the waiting thread, so an upload that starts
-            # after another request failed is still aborted.
-            with state_lock:
-                uploads[obj.key] = upload_id
-            return upload_id
-
-        def put_part(obj: ObjectUpload, starts: list[int], upload_id: str, number: int, begin: int, end: int
-                     ) -> tuple[PartResult, list[tuple[int, int, int]]]:
-            pieces = _slice_segments(obj.segments, starts, begin, end)
-            crcs = piece_crcs(pieces)
-            part_crc = crc.combine_all((c, n) for _, n, c in crcs)
-            result = self.store.upload_part(obj.key, upload_id, number, [mv for _, mv in pieces], crc32c=part_crc)
-            if progress:
-                progress(end - begin)
-            return result, crcs
-
-        small: list[tuple[ObjectUpload, Future]] = []
-        large: list[tuple[ObjectUpload, list[int], int, Future]] = []
-        pool = _Pool(opts.max_concurrency, "cloudckpt-upload")
+        coord = _UploadCoordinator(self.store, self._scope(failure, deadline, self.pacing), failure, progress)
+        pool = _Pool(self.options.max_concurrency, "cloudckpt-upload")
         try:
-            for obj in objects:
-                starts, pos = [], 0
-                for s in obj.segments:
-                    starts.append(pos)
-                    pos += memoryview(s).nbytes
-                ps = plan_part_size(obj.size, base_part_size, self.store)
-                if obj.size <= ps:
-                    small.append((obj, pool.submit(guarded(put_small), obj, starts)))
-                else:
-                    large.append((obj, starts, ps, pool.submit(guarded(start_multipart), obj)))
-
-            part_futs: list[tuple[ObjectUpload, str, list[Future]]] = []
-            for obj, starts, ps, fut in large:
-                upload_id = self._result(fut, failure, deadline)
-                if upload_id is None:
-                    break
-                futs = [
-                    pool.submit(guarded(put_part), obj, starts, upload_id, i + 1, b, min(b + ps, obj.size))
-                    for i, b in enumerate(range(0, obj.size, ps))
-                ]
-                part_futs.append((obj, upload_id, futs))
-
-            results: dict[str, tuple[int, list[tuple[int, int, int]]]] = {}
-            complete_futs: list[tuple[ObjectUpload, Future]] = []
-            for obj, upload_id, futs in part_futs:
-                parts: list[PartResult] = []
-                crcs: list[tuple[int, int, int]] = []
-                for f in futs:
-                    r = self._result(f, failure, deadline)
-                    if r is None:
-                        break
-                    parts.append(r[0])
-                    crcs.extend(r[1])
-                else:
-                    complete_futs.append((obj, pool.submit(guarded(self._complete), obj.key, upload_id, parts,
-                                                           uploads, completed, state_lock)))
-                    results[obj.key] = (crc.combine_all((p.crc32c, p.size) for p in parts), crcs)
-            for obj, fut in complete_futs:
-                self._result(fut, failure, deadline)
-            for obj, fut in small:
-                crcs = self._result(fut, failure, deadline)
-                if crcs is not None:
-                    results[obj.key] = (crc.combine_all((c, n) for _, n, c in crcs), crcs)
-            if failure.is_set():
-                raise failure.error or TransferError("upload aborted")
+            results = self._run_upload(objects, part_size, coord, pool, deadline)
         except BaseException as exc:
             failure.set(exc)
             # Waits for requests in flight; they stop retrying now that the scope is
             # cancelled, so this is bounded by one attempt's timeout.
             pool.shutdown(wait=True, cancel_futures=True)
-            self._cleanup(uploads, completed, [obj.key for obj, *_ in large])
+            coord.cleanup(self.options.cleanup_timeout)
             first = failure.error
             if first is None or first is exc or not isinstance(exc, Exception):
                 raise
@@ -504,12 +538,74 @@ class TransferEngine:
             pool.shutdown(wait=True, cancel_futures=True)
         return [UploadedObject(o.key, o.size, results[o.key][0], tuple(results[o.key][1])) for o in objects]
 
-    def _complete(self, key: str, upload_id: str, parts: list[PartResult], uploads: dict[str, str],
-                  completed: list[str], lock: threading.Lock) -> None:
-        self.store.complete_multipart(key, upload_id, parts)
-        with lock:
-            uploads.pop(key, None)
-            completed.append(key)
+    def _plan_upload(self, objects: Sequence[ObjectUpload]) -> int:
+        """Set :attr:`pacing` for this upload and return the part size its request budget allows."""
+        opts = self.options
+        sizes = [o.size for o in objects]
+        pacing = plan_pacing(opts, self.store.scheme, self.world_size)
+        part_size = plan_budget_part_size(sizes, opts.part_size, pacing.max_requests, self.store)
+        self.pacing = dataclasses.replace(pacing, part_size=part_size,
+                                          requests=count_requests(sizes, part_size, self.store))
+        return part_size
+
+    def _run_upload(self, objects: Sequence[ObjectUpload], part_size: int, coord: "_UploadCoordinator",
+                    pool: _Pool, deadline: float | None) -> dict[str, tuple[int, list[tuple[int, int, int]]]]:
+        """Submit every task, wait for them in order; ``{key: (object CRC32C, piece CRCs)}``.
+
+        Returns early (raising the first error) as soon as any task failed or
+        the deadline passed.
+        """
+        failure = coord.failure
+        small: list[tuple[ObjectUpload, Future]] = []
+        large: list[tuple[ObjectUpload, list[int], int, Future]] = []
+        for obj in objects:
+            starts = _segment_starts(obj.segments)
+            ps = plan_part_size(obj.size, part_size, self.store)
+            if obj.size <= ps:
+                small.append((obj, pool.submit(coord.guarded(coord.put_small), obj, starts)))
+            else:
+                coord.multipart_keys.append(obj.key)
+                large.append((obj, starts, ps, pool.submit(coord.guarded(coord.start_multipart), obj)))
+
+        part_futs: list[tuple[ObjectUpload, str, list[Future]]] = []
+        for obj, starts, ps, fut in large:
+            upload_id = self._result(fut, failure, deadline)
+            if upload_id is None:
+                break
+            part_futs.append((obj, upload_id, [
+                pool.submit(coord.guarded(coord.put_part), obj, starts, upload_id, i + 1, b, min(b + ps, obj.size))
+                for i, b in enumerate(range(0, obj.size, ps))]))
+
+        results: dict[str, tuple[int, list[tuple[int, int, int]]]] = {}
+        complete_futs: list[Future] = []
+        for obj, upload_id, futs in part_futs:
+            parts = self._collect_parts(futs, failure, deadline)
+            if parts is None:
+                break
+            complete_futs.append(pool.submit(coord.guarded(coord.complete), obj.key, upload_id,
+                                             [p for p, _ in parts]))
+            results[obj.key] = (crc.combine_all((p.crc32c, p.size) for p, _ in parts),
+                                [c for _, crcs in parts for c in crcs])
+        for fut in complete_futs:
+            self._result(fut, failure, deadline)
+        for obj, fut in small:
+            crcs = self._result(fut, failure, deadline)
+            if crcs is not None:
+                results[obj.key] = (crc.combine_all((c, n) for _, n, c in crcs), crcs)
+        if failure.is_set():
+            raise failure.error or TransferError("upload aborted")
+        return results
+
+    def _collect_parts(self, futs: list[Future], failure: _Failure, deadline: float | None
+                       ) -> list[tuple[PartResult, list[tuple[int, int, int]]]] | None:
+        """Every part's result in order, or None once the upload failed."""
+        out = []
+        for f in futs:
+            r = self._result(f, failure, deadline)
+            if r is None:
+                return None
+            out.append(r)
+        return out
 
     def _result(self, fut: Future, failure: _Failure, deadline: float | None) -> Any:
         # Wait for one future, but return early (None) as soon as any request
@@ -530,34 +626,6 @@ class TransferEngine:
                     f"{self.options.save_deadline:g} s; nothing was committed. Check the storage service's "
                     "health, or raise TransferOptions.save_deadline if the save needs longer"))
                 return None
-
-    def _cleanup(self, uploads: dict[str, str], completed: list[str], multipart_keys: Sequence[str] = ()) -> None:
-        # Best effort, but never hide the original error: aborting must not raise.
-        # Its own short deadline keeps a dead endpoint from stretching the failure.
-        with retry.use_scope(RetryScope(deadline=time.monotonic() + self.options.cleanup_timeout)):
-            for key, upload_id in list(uploads.items()):
-                try:
-                    self.store.abort_multipart(key, upload_id)
-                except CloudCheckpointError:
-                    pass
-            if multipart_keys:
-                # A start whose reply was lost leaves an upload no request knows the
-                # id of. These keys belong to this rank's save alone, so every
-                # incomplete upload of them is garbage.
-                import os.path
-
-                keys = set(multipart_keys)
-                try:
-                    for up in self.store.list_multipart_uploads(os.path.commonprefix(sorted(keys))):
-                        if up.key in keys and uploads.get(up.key) != up.upload_id:
-                            self.store.abort_multipart(up.key, up.upload_id)
-                except CloudCheckpointError:
-                    pass
-            if completed:
-                try:
-                    self.store.delete_many(completed)
-                except CloudCheckpointError:
-                    pass
 
     # -- downloads --------------------------------------------------------------
     def download_ranges(
@@ -603,20 +671,30 @@ class TransferEngine:
 
 
 def abort_incomplete_uploads(store: ObjectStore, prefix: str, *, unless_exists: str | None = None,
-                             timeout: float = 30.0) -> int:
-    """Abort every incomplete multipart upload under ``prefix``; return how many. Never raises.
+                             tokens: "Iterable[str] | None" = None, timeout: float = 30.0) -> int:
+    """Abort incomplete multipart uploads under ``prefix``; return how many. Never raises.
 
-    For the coordinator of a failed save: a rank that died mid-upload cannot
-    abort its own uploads. Nothing is done if the object ``unless_exists`` (the
-    commit marker) exists. Bounded by ``timeout`` seconds whatever the store's
-    health (a dead endpoint fails at once after its first give-up).
+    With ``tokens``, only uploads of data objects whose name carries one of
+    those save tokens (:func:`cloudckpt.layout.parse_data_object_name`) are
+    aborted: the uploads of one save, never those of a concurrent save of the
+    same checkpoint. Without, every upload under ``prefix`` is (for ``gc``).
+    Nothing is done if the object ``unless_exists`` (the commit marker)
+    exists. Bounded by ``timeout`` seconds whatever the store's health (a dead
+    endpoint fails at once after its first give-up).
     """
+    from cloudckpt import layout
+
+    wanted = None if tokens is None else {t[:layout.TOKEN_CHARS] for t in tokens}
     aborted = 0
     with retry.use_scope(RetryScope(deadline=time.monotonic() + timeout)):
         try:
             if unless_exists is not None and store.head(unless_exists) is not None:
                 return 0
             for up in store.list_multipart_uploads(prefix):
+                if wanted is not None:
+                    parsed = layout.parse_data_object_name(up.key)
+                    if parsed is None or parsed[2] not in wanted:
+                        continue
                 try:
                     store.abort_multipart(up.key, up.upload_id)
                     aborted += 1

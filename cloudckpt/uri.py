@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 
 from cloudckpt.errors import InvalidURIError, UnsupportedSchemeError
 
-__all__ = ["StorageURI", "parse_uri", "CLOUD_SCHEMES"]
+__all__ = ["StorageURI", "parse_uri", "CLOUD_SCHEMES", "redact_url", "redact_text", "scrub_exception"]
 
 CLOUD_SCHEMES = ("s3", "gs")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -178,3 +178,73 @@ def relative_key(uri: StorageURI, key: str) -> str:
         return key
     assert key.startswith(uri.prefix + "/"), (key, uri)
     return key[len(uri.prefix) + 1:]
+
+
+# -- secrets in URLs and texts ------------------------------------------------------------
+#
+# An endpoint may carry a password (``http://user:pass@host``), and request logs
+# or server replies may carry AWS session tokens and signatures. Everything that
+# shows an endpoint or an error text goes through these helpers.
+
+REDACTED = "***"
+# scheme://userinfo@ : the userinfo (user and password) is masked.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@'\"<>]+)@")
+# Header forms ("x-amz-security-token: v", "'X-Amz-Security-Token': b'v'", canonical "x-amz-security-token:v")
+# and query forms ("X-Amz-Security-Token=v", "X-Amz-Signature=v", "X-Amz-Credential=v").
+_SECRET_FIELDS = re.compile(
+    r"(?P<name>x-amz-security-token|x-amz-s3session-token|x-goog-security-token|authorization|x-amz-signature"
+    r"|x-amz-credential|x-goog-signature|x-goog-credential|access_token|upload_token|signature"
+    r"|x-amz-copy-source-server-side-encryption-customer-key|x-amz-server-side-encryption-customer-key"
+    r"|CopySourceSSECustomerKey|SSECustomerKey|x-goog-encryption-key)"
+    r"(?P<sep>['\"]?\s*[:=]\s*b?['\"]?)(?P<value>[^'\"\s,&}<]+)",
+    re.IGNORECASE)
+# S3 echoes the whole canonical request (session token included) on SignatureDoesNotMatch,
+# as text and as hex bytes.
+_ECHOED_REQUEST = re.compile(
+    r"<(?P<tag>CanonicalRequest|CanonicalRequestBytes|StringToSign|StringToSignBytes)>.*?</(?P=tag)>",
+    re.IGNORECASE | re.DOTALL)
+
+
+def redact_url(url: "str | None") -> "str | None":
+    """``url`` with any ``user:password@`` replaced by ``***@`` (None stays None)."""
+    if url is None:
+        return None
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", str(url))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with URL userinfo, session tokens, signatures and echoed canonical requests masked."""
+    if not text:
+        return text
+    text = _ECHOED_REQUEST.sub(lambda m: f"<{m.group('tag')}>{REDACTED}</{m.group('tag')}>", text)
+    text = _SECRET_FIELDS.sub(lambda m: f"{m.group('name')}{m.group('sep')}{REDACTED}", text)
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+
+
+def scrub_exception(exc: "BaseException | None", *, depth: int = 8) -> None:
+    """Redact, in place, the texts of ``exc`` and the exceptions it chains (cause and context).
+
+    Library exceptions (botocore's, urllib3's, requests') embed the request URL,
+    so a chained traceback would show an endpoint's password. Their string
+    arguments are replaced by redacted copies; other state is left alone.
+    """
+    seen: set[int] = set()
+    while exc is not None and depth > 0 and id(exc) not in seen:
+        seen.add(id(exc))
+        depth -= 1
+        try:
+            args = tuple(redact_text(a) if isinstance(a, str) else a for a in exc.args)
+            if args != exc.args:
+                exc.args = args
+            for attr in ("msg", "message", "fmt"):
+                value = exc.__dict__.get(attr)
+                if isinstance(value, str):
+                    setattr(exc, attr, redact_text(value))
+            kwargs = exc.__dict__.get("kwargs")
+            if isinstance(kwargs, dict):  # botocore formats str() from these
+                for k, v in list(kwargs.items()):
+                    if isinstance(v, str):
+                        kwargs[k] = redact_text(v)
+        except Exception:  # noqa: BLE001 - an exotic exception keeps its text rather than break error handling
+            pass
+        exc = exc.__cause__ or exc.__context__

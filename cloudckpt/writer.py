@@ -2,17 +2,26 @@
 
 Protocol per save (see docs/architecture.md):
 
-1. ``prepare_global_plan`` (rank 0, before any rank uploads a byte): check the
-   bucket, refuse an existing committed checkpoint unless ``overwrite=True``
-   (in which case its ``.metadata`` is removed first, so a half-replaced
-   checkpoint can never look committed), and give each rank its file prefix.
-2. ``write_data`` (every rank): frame every item zero-copy, split the rank's
+1. ``set_up_storage_writer`` (every rank, once per save): draw this save's id;
+   its first hex digits are the rank's *save token*, part of every data object
+   name the rank writes (``__0_3.<token>.distcp``). Two saves of one checkpoint
+   therefore never write an object of the same name.
+2. ``prepare_global_plan`` (rank 0, before any rank uploads a byte): check the
+   bucket, refuse an existing committed checkpoint unless ``overwrite=True``,
+   and give each rank its name prefix. Nothing is deleted here: an overwrite
+   leaves the old checkpoint whole until its ``.metadata`` is replaced.
+3. ``write_data`` (every rank): frame every item zero-copy, split the rank's
    items over data objects, upload all parts in parallel. Any failure aborts
    the rank's multipart uploads and raises; DCP's gather then fails the save on
    every rank, and ``finish`` never runs.
-3. ``finish`` (rank 0, after DCP's gather proved every rank's uploads complete):
-   write the checksum manifest, then ``.metadata`` with one conditional PUT.
-   That PUT is the commit point: a checkpoint exists iff ``.metadata`` exists.
+4. ``finish`` (rank 0, after DCP's gather proved every rank's uploads complete):
+   write this save's checksum manifest (a save-unique name), then ``.metadata``
+   with one PUT, conditional unless ``overwrite=True``. That PUT is the commit
+   point: a checkpoint exists iff ``.metadata`` exists. A save that loses the
+   race to commit deletes its own objects (every rank's, known from the write
+   results) and its own manifest, never anyone else's. An overwrite deletes,
+   only after its commit, what the replaced ``.metadata`` referenced and the
+   new one does not.
 """
 
 from __future__ import annotations
@@ -34,9 +43,9 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from cloudckpt import crc, layout, retry
+from cloudckpt import crc, layout, retry, safe_pickle
 from cloudckpt._version import __version__
-from cloudckpt.errors import CheckpointExistsError, InvalidURIError, PreconditionFailedError
+from cloudckpt.errors import CheckpointExistsError, CloudCheckpointError, InvalidURIError, PreconditionFailedError
 from cloudckpt.manifest import build_manifest, seal_manifest
 from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions, default_world_size
@@ -53,6 +62,19 @@ class _CloudStoragePrefix(_StoragePrefix):
     """``_StoragePrefix`` plus the world size, which sets each rank's share of the request rate."""
 
     world_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _SaveToken:
+    """A local plan's ``storage_data``: tells the coordinator this rank's save token.
+
+    Information only, for cleanup after a failed save (the coordinator then
+    aborts a dead rank's uploads, and only this save's). Object names never
+    depend on it: each rank names its objects with its own token, because DCP's
+    plan caching replays the first save's plans (and then this does not arrive).
+    """
+
+    token: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +129,13 @@ class CloudStorageWriter(StorageWriter):
         self._store_options = store_options
         self._store: ObjectStore | None = None
         self.uri: StorageURI | None = None
+        #: This save's id (a fresh one per save, drawn in set_up_storage_writer); its first
+        #: layout.TOKEN_CHARS hex digits are the token in this rank's data object names.
         self.save_id = uuid.uuid4().hex
+        # Set by pin_save_id: the id the next saves use instead of a fresh one.
+        self._pinned_save_id: str | None = None
+        # Every rank's save tokens known to this rank (its own; all ranks' once finish ran).
+        self._known_tokens: set[str] = set()
         self.is_coordinator = False
         self.rank: int | None = None
         self.use_collectives = True
@@ -136,6 +164,34 @@ class CloudStorageWriter(StorageWriter):
         state["_store"] = None
         return state
 
+    @property
+    def save_token(self) -> str:
+        """The token in this rank's data object names for the current save."""
+        return self.save_id[:layout.TOKEN_CHARS]
+
+    def known_save_tokens(self) -> frozenset[str]:
+        """Save tokens of the current save that this rank knows.
+
+        Its own; on the coordinator also every rank's, from the local plans
+        (unless a caching or custom planner dropped them) and from the write
+        results in ``finish``. Used to clean up after a failed save without
+        touching a concurrent save's objects or uploads.
+        """
+        return frozenset(self._known_tokens | {self.save_token})
+
+    def pin_save_id(self, save_id: str | None) -> None:
+        """Make every following save use ``save_id`` (32 hex digits) rather than a fresh id; None unpins.
+
+        For a supervisor that must recognise this save's objects without hearing
+        from the process that writes them (the process executor's parent, which
+        cleans up after a dead child).
+        """
+        if save_id is not None and (len(save_id) != 32 or any(c not in "0123456789abcdef" for c in save_id)):
+            raise ValueError(f"save_id must be 32 lowercase hex digits, got {save_id!r}")
+        self._pinned_save_id = save_id
+        if save_id is not None:
+            self.save_id = save_id
+
     def metadata_name(self) -> str:
         """The commit object of this save: ``.metadata``, or ``__{rank}.metadata`` without collectives."""
         if not self.use_collectives and self.rank is not None:
@@ -155,7 +211,6 @@ class CloudStorageWriter(StorageWriter):
             if self.uri is None or uri.bucket != self.uri.bucket or uri.scheme != self.uri.scheme:
                 self._store = None
             self.uri = uri
-        self.save_id = uuid.uuid4().hex
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: "str | os.PathLike[str]") -> bool:
@@ -177,14 +232,20 @@ class CloudStorageWriter(StorageWriter):
         self.use_collectives = kwargs.get("use_collectives", True)
         # DCP calls this first in every save: TransferOptions.save_deadline counts from here.
         self._save_started = time.monotonic()
+        # A fresh id (and so a fresh token in every data object name) for every save. Not
+        # in reset(): DCP skips reset when no checkpoint_id is passed. Not in the plan's
+        # storage_data: plan caching would reuse the first save's.
+        self.save_id = self._pinned_save_id or uuid.uuid4().hex
+        self._known_tokens = set()
         if self.rank is None:
             import torch.distributed as dist
 
             self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        """Nothing per rank: the existence check is made once, by rank 0."""
-        return plan
+        """Tell rank 0 this rank's save token; the existence check is made once, by rank 0."""
+        # dataclasses.replace keeps plan-caching's usable=False plans intact.
+        return dataclasses.replace(plan, storage_data=_SaveToken(self.save_token))
 
     def _save_deadline(self) -> float | None:
         """The ``time.monotonic()`` instant this save must end by (None: no deadline)."""
@@ -198,6 +259,8 @@ class CloudStorageWriter(StorageWriter):
             return self._prepare_global_plan(plans)
 
     def _prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Every rank's token, as far as the planner passed them on (see _SaveToken).
+        self._known_tokens |= {p.storage_data.token for p in plans if isinstance(p.storage_data, _SaveToken)}
         uri = self._require_uri()
         store = self.store
         store.check_bucket()
@@ -208,9 +271,8 @@ class CloudStorageWriter(StorageWriter):
                     f"a committed checkpoint already exists at {uri} ({store.url(meta_key)}); "
                     "save to a new checkpoint_id, delete it first (cloudckpt rm), or pass overwrite=True"
                 )
-            # Un-commit first: a failure after this leaves *no* checkpoint rather than
-            # an old .metadata pointing at partly replaced data objects.
-            store.delete(meta_key)
+            # An overwrite deletes nothing here: the new objects get new names, so the
+            # old checkpoint stays whole and loadable until finish() replaces .metadata.
         # dataclasses.replace keeps plan-caching's usable=False plans intact.
         # Without collectives each rank plans alone: its own rank names its objects.
         alone = len(plans) == 1 and not self.use_collectives
@@ -244,7 +306,7 @@ class CloudStorageWriter(StorageWriter):
         uploads = []
         placements = []  # (item, object name, offset)
         for n, group in enumerate(groups):
-            name = layout.data_object_name(prefix, n)
+            name = layout.data_object_name(prefix, n, self.save_token)
             segments: list[Any] = []
             offset = 0
             for fi in group:
@@ -328,27 +390,83 @@ class CloudStorageWriter(StorageWriter):
             save_id=self.save_id, world_size=len(results), objects=objects, items=items)
         rank = None if self.metadata_name() == layout.METADATA_NAME else self.rank
         manifest_name = layout.manifest_name(self.save_id, rank)
+        self._known_tokens |= {t for t in (_token_of(n) for n in objects) if t is not None}
+        # Everything this save wrote, all ranks together: the only objects it may ever delete.
+        own = sorted(objects) + [manifest_name]
         blob = seal_manifest(manifest)
-        store.put(uri.key(manifest_name), [blob], crc32c=crc.crc32c(blob))
-        self._commit(meta_blob)
-        if self.overwrite:
-            self._remove_stale(set(objects) | {layout.METADATA_NAME, manifest_name})
+        try:
+            store.put(uri.key(manifest_name), [blob], crc32c=crc.crc32c(blob))
+            replaced = self._replaced_names(rank, keep=set(own)) if self.overwrite else set()
+        except BaseException:
+            self._discard(own)  # nothing references them: no commit was attempted
+            raise
+        try:
+            self._commit(meta_blob)
+        except CheckpointExistsError:
+            # Lost the race: another save committed. Its objects have other names
+            # (other tokens, another manifest); remove only ours.
+            self._discard(own)
+            raise
+        if replaced:
+            # After the commit: the replaced .metadata no longer points at them.
+            self._discard(sorted(replaced))
 
     def _commit(self, blob: bytes) -> None:
         commit_metadata(self.store, self._require_uri(), blob, name=self.metadata_name(), overwrite=self.overwrite)
 
-    def _remove_stale(self, keep: set[str]) -> None:
-        # After an overwrite, data objects of the replaced checkpoint that the new
-        # one does not reference (e.g. a larger old world size) are deleted.
+    def _replaced_names(self, rank: int | None, keep: set[str]) -> set[str]:
+        """Objects of the checkpoint this overwrite replaces: what its ``.metadata`` references, and its manifest.
+
+        Read just before the commit. Only names the old ``.metadata`` itself
+        lists are returned (never "everything not referenced by the new one",
+        which could include a concurrent save's objects), and only plain
+        checkpoint object names inside the prefix: the old ``.metadata`` is
+        untrusted input. An unreadable old ``.metadata`` deletes nothing.
+        """
         uri = self._require_uri()
-        base = uri.key("")
-        stale = [
-            o.key for o in self.store.list(base)
-            if "/" not in o.key[len(base):] and o.key[len(base):] not in keep
-            and o.key.endswith(layout.DATA_SUFFIX)
-        ]
-        if stale:
-            self.store.delete_many(stale)
+        key = uri.key(self.metadata_name())
+        try:
+            old_blob = self.store.get(key, max_size=safe_pickle.MAX_METADATA_BYTES)
+        except FileNotFoundError:
+            return set()
+        except CloudCheckpointError as exc:
+            log.warning("could not read the replaced checkpoint's metadata %s (%s); its objects are left in place",
+                        self.store.url(key), exc)
+            return set()
+        try:
+            old = safe_pickle.load_metadata(old_blob, self.store.url(key))
+            names = {getattr(info, "relative_path", None) for info in dict(old.storage_data).values()}
+            save_id = getattr(getattr(old, "storage_meta", None), "save_id", None)
+        except (CloudCheckpointError, AttributeError, TypeError, ValueError) as exc:
+            log.warning("the replaced checkpoint's metadata %s is unreadable (%s); its objects are left in place",
+                        self.store.url(key), exc)
+            return set()
+        if isinstance(save_id, str):
+            names.add(layout.manifest_name(save_id, rank))
+        names.add(layout.manifest_name(None, rank))  # the legacy manifest: no current save writes it
+        return {n for n in names if isinstance(n, str) and _is_own_object_name(n) and n not in keep}
+
+    def _discard(self, names: list[str]) -> None:
+        """Best-effort delete of objects of this checkpoint; never raises (the save's own error wins)."""
+        if not names:
+            return
+        uri = self._require_uri()
+        with retry.use_scope(retry.RetryScope(deadline=time.monotonic() + self.transfer_options.cleanup_timeout)):
+            try:
+                self.store.delete_many([uri.key(n) for n in names])
+            except Exception as exc:  # noqa: BLE001 - leftovers are found by gc; the original error matters
+                log.warning("could not delete %d object(s) of %s: %s", len(names), uri, exc)
+
+
+def _token_of(name: str) -> str | None:
+    parsed = layout.parse_data_object_name(name)
+    return None if parsed is None else parsed[2]
+
+
+def _is_own_object_name(name: str) -> bool:
+    """A data object or manifest name directly inside the checkpoint prefix (no path, no commit object)."""
+    return ("/" not in name and "\\" not in name and not layout.is_commit_name(name)
+            and (layout.is_manifest_name(name) or layout.parse_data_object_name(name) is not None))
 
 
 def commit_metadata(store: ObjectStore, uri: StorageURI, blob: bytes, *, name: str = layout.METADATA_NAME,

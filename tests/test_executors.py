@@ -54,7 +54,10 @@ def test_repeated_async_saves_reuse_one_worker_and_report_any_ranks_error(s3_and
         assert s3.pending_uploads(s3.uri("bad", kind)) == []
 
 
-def test_killed_child_fails_every_rank_fast_and_commits_nothing(moto_server, tmp_path, request):
+@pytest.mark.parametrize("strategy", ["none", "hash"])
+def test_killed_child_fails_every_rank_fast_and_commits_nothing(moto_server, tmp_path, request, strategy):
+    # With prefix_strategy="hash" the objects are named 3f-__1_0.<token>.distcp: the parent must find the
+    # dead child's uploads by the layout's names (it once listed __1_ and leaked them).
     from cloudckpt_testing.faultproxy import FaultProxy, FaultRule
     from tests.conftest import make_backend
 
@@ -63,7 +66,7 @@ def test_killed_child_fails_every_rank_fast_and_commits_nothing(moto_server, tmp
     # Parts hang for a minute: the kill always lands in the middle of an open multipart upload.
     stall = [FaultRule("UploadPart", fault="stall", stall_seconds=60.0)]
     with FaultProxy(moto_server.endpoint_url, rules=stall) as proxy:
-        slow = dict(backend.options, endpoint_url=proxy.url, part_size=5 * 1024 * 1024)
+        slow = dict(backend.options, endpoint_url=proxy.url, part_size=5 * 1024 * 1024, prefix_strategy=strategy)
         results = run_world(2, workers.crash_child_mid_upload, uri, slow, backend.options, 1,
                             backend.uri("after"))
     assert results[1]["outcome"] == "CheckpointWorkerError", results[1]
@@ -248,7 +251,7 @@ def test_executors_are_torch_async_executors():
 
     for cls in (cloudckpt.ThreadCheckpointExecutor, cloudckpt.ProcessCheckpointExecutor):
         assert issubclass(cls, _AsyncCheckpointExecutor)
-    assert cloudckpt.async_save.__module__ == "cloudckpt.executors"
+    assert cloudckpt.async_save.__module__ == "cloudckpt.api"  # the façade sits above the executors
     assert {"staging_completion", "upload_completion"} <= set(cloudckpt.AsyncSaveResponse.__dataclass_fields__)
 
 

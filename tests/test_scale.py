@@ -31,7 +31,7 @@ from cloudckpt.transfer import (
     plan_pacing,
     plan_read_pacing,
 )
-from cloudckpt.layout import rank_prefix
+from cloudckpt.layout import parse_data_object_name, rank_prefix
 from tests import workers
 from tests.dist import run_world
 from tests.helpers import assert_state_equal, empty_like_state_dict, realistic_state_dict
@@ -295,9 +295,12 @@ def test_overwrite_cleanup_ls_and_verify_with_spread_names(cloud_backend, capsys
     old = [k for k in cloud_backend.keys(uri) if k.endswith(".distcp")]
     assert old and all(k.startswith("__0_") for k in old)
     sd = {"a": torch.randn(1000), "c": torch.randn(10)}
-    cloudckpt.save(sd, uri, no_dist=True, overwrite=True, prefix_strategy="hash", **opts)
+    writer = cloudckpt.storage_writer(uri, overwrite=True, prefix_strategy="hash", **opts)
+    cloudckpt.save(sd, uri, storage_writer=writer, no_dist=True)
     new = [k for k in cloud_backend.keys(uri) if k.endswith(".distcp")]
-    assert new == [rank_prefix(0, "hash") + "0.distcp"]   # the flat-named old objects were removed
+    # One spread, save-unique object; the flat-named old objects were removed after the commit.
+    assert len(new) == 1 and new[0].startswith(rank_prefix(0, "hash")), new
+    assert parse_data_object_name(new[0]) == (0, 0, writer.save_token)
     report = verify(uri, **opts)
     assert report.ok and report.objects_checked == 1, report
     argv = ["--json", "--endpoint-url", cloud_backend.endpoint]

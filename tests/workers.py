@@ -53,7 +53,7 @@ def save_sharded(rank: int, world: int, uri: str, options: dict, seed: int) -> l
 
     cloudckpt.save(sharded_state_dict(world, seed), uri, **options)
     return [k for k in cloudckpt.storage_reader(uri, **options).store.list(
-        cloudckpt.parse_uri(uri).key("")) if k.key.endswith(f"__{rank}_0.distcp")]
+        cloudckpt.parse_uri(uri).key("")) if (cloudckpt.layout.parse_data_object_name(k.key) or (None,))[0] == rank]
 
 
 def load_sharded(rank: int, world: int, uri: str, options: dict, seed: int, saved_world: int) -> bool:
@@ -219,7 +219,10 @@ def _repeated_async_saves(rank: int, world: int, targets: list, kind: str, n: in
 
 def crash_child_mid_upload(rank: int, world: int, uri: str, slow_options: dict, options: dict,
                            kill_rank: int, next_uri: str) -> dict:
-    """SIGKILL one rank's checkpoint process while its multipart upload is open; every rank must fail fast."""
+    """SIGKILL one rank's checkpoint process while its multipart upload is open; every rank must fail fast.
+
+    ``slow_options`` may carry ``prefix_strategy``: the kill waits for an upload under that rank's prefix.
+    """
     import os
     import signal
     import time
@@ -234,7 +237,10 @@ def crash_child_mid_upload(rank: int, world: int, uri: str, slow_options: dict, 
     resp.staging_completion.result()
     if rank == kill_rank:
         # Kill only once the upload is really under way: a multipart upload is open (its parts stall).
-        store, prefix = open_store(uri, **options), cloudckpt.parse_uri(uri).key(f"__{rank}_")
+        from cloudckpt.layout import rank_prefix
+
+        strategy = slow_options.get("prefix_strategy", "none")
+        store, prefix = open_store(uri, **options), cloudckpt.parse_uri(uri).key(rank_prefix(rank, strategy))
         deadline = time.monotonic() + 90
         while not store.list_multipart_uploads(prefix):
             assert time.monotonic() < deadline, "the upload never started"

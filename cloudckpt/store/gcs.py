@@ -49,6 +49,8 @@ from cloudckpt.errors import (
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
 from cloudckpt.store.options import GCSRequestOptions
+from cloudckpt.store.s3 import redact_library_logs
+from cloudckpt.uri import redact_text, redact_url, scrub_exception
 
 __all__ = ["GCSStore"]
 
@@ -250,7 +252,7 @@ class GCSStore(ObjectStore):
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"GCSStore(bucket={self.bucket!r}, endpoint_url={self._endpoint()!r})"
+        return f"GCSStore(bucket={self.bucket!r}, endpoint_url={redact_url(self._endpoint())!r})"
 
     # -- client ----------------------------------------------------------------
     def _emulator_endpoint(self) -> Optional[str]:
@@ -276,7 +278,9 @@ class GCSStore(ObjectStore):
         with self._lock:
             if self._client is not None and self._client[0] == os.getpid():
                 return self._client[1]
+            redact_library_logs()
             client = self._make_client()
+            redact_library_logs()  # and the loggers of modules the client imported
             self._client = (os.getpid(), client)
             return client
 
@@ -402,6 +406,14 @@ class GCSStore(ObjectStore):
             raise self._translate(exc, key, action) from exc
 
     def _translate(self, exc: BaseException, key: Optional[str], action: str) -> Exception:
+        """The typed error for ``exc``, with every URL password and token in its text (and its cause's) masked."""
+        scrub_exception(exc)  # chained below the typed error: its text may show a URL with a password
+        err = self._typed_error(exc, key, action)
+        text = str(err)
+        clean = redact_text(text)
+        return err if clean == text else type(err)(clean)
+
+    def _typed_error(self, exc: BaseException, key: Optional[str], action: str) -> Exception:
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as auth_exc
 

@@ -21,7 +21,6 @@ import datetime as _dt
 import http.client
 import logging
 import os
-import re
 import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
@@ -42,6 +41,7 @@ from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store._body import SegmentReader
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
 from cloudckpt.store.options import S3_CLIENT_OPTIONS, S3RequestOptions, SecretBytes, is_directory_bucket
+from cloudckpt.uri import redact_text, redact_url, scrub_exception
 
 __all__ = ["S3Store", "S3RequestOptions", "SecretBytes"]
 
@@ -127,33 +127,41 @@ def _readinto(body: Any, out: memoryview) -> int:
 
 
 # botocore's DEBUG logs print every request's headers and canonical request,
-# session tokens included; these loggers get a filter that masks them.
-_REDACTED_LOGGERS = ("botocore.endpoint", "botocore.auth", "botocore.httpsession", "botocore.hooks")
-_SECRET_HEADER = re.compile(r"((?:x-amz-security-token|x-amz-s3session-token|x-amz-server-side-encryption-customer-key"
-                            r"|x-amz-copy-source-server-side-encryption-customer-key|SSECustomerKey"
-                            r"|CopySourceSSECustomerKey)['\"]?\s*[:=]\s*b?['\"]?)([^'\"\s,}]+)", re.IGNORECASE)
-_SECRET_MARKERS = ("security-token", "s3session-token", "customer-key")
+# session tokens included (and botocore.parsers logs S3's reply to a bad
+# signature, which echoes the canonical request); urllib3 and s3transfer log
+# URLs, which can carry an endpoint's password. A filter on a parent logger does
+# not apply to its children's records, so every logger of these families that
+# exists when a client is created gets its own filter.
+_REDACTED_FAMILIES = ("botocore", "boto3", "s3transfer", "urllib3", "requests", "google", "cloudckpt")
 
 
-class _RedactSessionTokens(logging.Filter):
-    """Masks ``x-amz-security-token`` values in botocore's request logs (stateless)."""
+class RedactSecrets(logging.Filter):
+    """Masks session tokens, signatures and URL passwords in log records (stateless)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is logging's problem, not ours
             return True
-        if any(m in message.lower() for m in _SECRET_MARKERS):
-            record.msg, record.args = _SECRET_HEADER.sub(r"\1***", message), None
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_info[1] is not None:
+            # The traceback is formatted from the exception itself: its URL may carry a password.
+            scrub_exception(record.exc_info[1])
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
         return True
 
 
-def _redact_botocore_logs() -> None:
-    # Idempotent: one filter per logger, whatever the number of stores.
-    for name in _REDACTED_LOGGERS:
+def redact_library_logs() -> None:
+    """Put a :class:`RedactSecrets` filter on every existing logger of the storage libraries (idempotent)."""
+    names = [n for n in list(logging.Logger.manager.loggerDict)
+             if n.split(".", 1)[0] in _REDACTED_FAMILIES]
+    for name in set(names) | set(_REDACTED_FAMILIES):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _RedactSessionTokens) for f in logger.filters):
-            logger.addFilter(_RedactSessionTokens())
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())
 
 
 class S3Store(ObjectStore):
@@ -240,7 +248,7 @@ class S3Store(ObjectStore):
 
     def __repr__(self) -> str:
         # Never show credentials: only the bucket and endpoint.
-        return f"S3Store(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r})"
+        return f"S3Store(bucket={self.bucket!r}, endpoint_url={redact_url(self.endpoint_url)!r})"
 
     # -- client ----------------------------------------------------------------
     @property
@@ -255,7 +263,7 @@ class S3Store(ObjectStore):
                 return self._client[1]
             from botocore.config import Config
 
-            _redact_botocore_logs()
+            redact_library_logs()
             opts = dict(self._client_options)
             profile = opts.pop("profile_name", None)
             config = Config(
@@ -277,6 +285,7 @@ class S3Store(ObjectStore):
                 client = _session(profile).client("s3", endpoint_url=self.endpoint_url, config=config, **opts)
             _widen_send_blocks(client)
             self.request_options.install(client)
+            redact_library_logs()  # and the loggers of modules the client imported
             # boto3 clients are thread-safe: one per process shares one connection pool.
             self._client = (os.getpid(), client)
             return client
@@ -328,6 +337,7 @@ class S3Store(ObjectStore):
             ProxyConnectionError,
         )
 
+        scrub_exception(exc)  # chained below the typed error: its text may show a URL with a password
         where = self.url(key) if key is not None else f"s3://{self.bucket}"
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
@@ -353,13 +363,14 @@ class S3Store(ObjectStore):
                     f"the server refused to {action} {where}: the data did not match its CRC32C ({code}); "
                     "the buffer changed while it was uploading, or the network corrupted it; nothing was stored"
                 )
-            return TransferError(f"failed to {action} {where}: {code or status}: {err.get('Message', '')}")
+            return TransferError(f"failed to {action} {where}: {code or status}: "
+                                 f"{redact_text(str(err.get('Message', '')))}")
         if isinstance(exc, NoCredentialsError):
             return AccessDeniedError(
                 f"no AWS credentials found to {action} {where}; configure the boto3 credential chain "
                 "(env vars, ~/.aws, instance/IRSA role) or pass aws_access_key_id/aws_secret_access_key"
             )
-        endpoint = self.endpoint_url or "the default AWS endpoint"
+        endpoint = redact_url(self.endpoint_url) or "the default AWS endpoint"
         if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)):
             return EndpointUnreachableError(
                 f"could not reach S3 endpoint {endpoint} to {action} {where}: {type(exc).__name__}; "
@@ -371,7 +382,7 @@ class S3Store(ObjectStore):
                 f"the connection to S3 endpoint {endpoint} broke while trying to {action} {where}: "
                 f"{type(exc).__name__}"
             )
-        return TransferError(f"failed to {action} {where}: {type(exc).__name__}: {exc}")
+        return TransferError(f"failed to {action} {where}: {type(exc).__name__}: {redact_text(str(exc))}")
 
     def _run(self, action: str, key: str | None, fn: Callable[[Attempt], _T]) -> _T:
         """Run ``fn`` under the retry policy; every failure leaves as a typed error naming ``key``."""

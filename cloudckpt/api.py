@@ -90,7 +90,7 @@ def load(
     """``dcp.load`` (in place into ``state_dict``) with the reader resolved from ``checkpoint_id``.
 
     ``reader_options`` (``verify=``, ``endpoint_url=`` ...) go to the reader when
-    ``storage_reader`` is None.
+    ``storage_reader`` is None; ``allow_pickle=True`` unpickles byte items with plain pickle (trusted checkpoints only).
     """
     chosen = storage_reader if storage_reader is not None else reader_for(checkpoint_id, **reader_options)
     with typed_errors(chosen):

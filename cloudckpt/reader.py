@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import LoadPlan, LoadPlanner, Metadata, StorageReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan, LoadPlanner, Metadata, StorageReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.futures import Future
 
@@ -54,7 +54,8 @@ from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges, default_world_size
 from cloudckpt.uri import StorageURI, parse_uri
 
-__all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader", "reader_for"]
+__all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader", "reader_for",
+           "CheckedLoadPlanner"]
 
 
 def writable_bytes(t: torch.Tensor) -> memoryview:
@@ -292,17 +293,8 @@ class CloudStorageReader(StorageReader):
         where = self.store.url(self.uri.key(layout.METADATA_NAME))
         for req in plan.items:
             fqn = req.dest_index.fqn
-            if fqn not in targets:
-                continue
-            holds_tensor = isinstance(targets[fqn], torch.Tensor)
-            stored_bytes = req.type == LoadItemType.BYTE_IO
-            if stored_bytes == holds_tensor:
-                stored = "a pickled byte item" if stored_bytes else "a tensor"
-                held = "a tensor" if holds_tensor else f"a {type(targets[fqn]).__name__}"
-                raise ItemKindMismatchError(
-                    f"{where} stores key {fqn!r} as {stored}, but the state dict being loaded holds {held} there; "
-                    "refusing to load it, and nothing in the state dict was changed. The checkpoint does not "
-                    "match the model, or its metadata was altered: check the checkpoint with `cloudckpt verify`")
+            if fqn in targets:
+                _check_kind(fqn, req.type == LoadItemType.BYTE_IO, targets[fqn], where)
 
     def _locate(self, plan: LoadPlan) -> list[tuple[Any, str]]:
         """``(storage info, object key)`` of every item, after checking it against untrusted input.
@@ -479,6 +471,39 @@ class CloudStorageReader(StorageReader):
             if list(chunk.offsets) == offsets:
                 return md.properties.dtype, list(chunk.sizes)
         raise IntegrityError(f"no stored chunk of {req.storage_index.fqn!r} at offsets {offsets} in the metadata")
+
+
+def _check_kind(fqn: str, stored_bytes: bool, value: Any, where: str) -> None:
+    """ItemKindMismatchError unless a stored byte item meets a non-tensor and a stored tensor a tensor."""
+    holds_tensor = isinstance(value, torch.Tensor)
+    if stored_bytes != holds_tensor:
+        return
+    stored = "a pickled byte item" if stored_bytes else "a tensor"
+    held = "a tensor" if holds_tensor else f"a {type(value).__name__}"
+    raise ItemKindMismatchError(
+        f"{where} stores key {fqn!r} as {stored}, but the state dict being loaded holds {held} there; "
+        "refusing to load it, and nothing in the state dict was changed. The checkpoint does not match the "
+        "model, or its metadata was altered: check the checkpoint with `cloudckpt verify`")
+
+
+class CheckedLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, which first checks every key's stored kind against the state dict.
+
+    DCP plans a key stored as a tensor for a caller value that is not one (and
+    fails deep inside planning), and plans a key stored as pickled bytes over a
+    tensor (replacing the tensor). This planner refuses both with
+    :class:`~cloudckpt.errors.ItemKindMismatchError` before anything is planned
+    or read; :func:`cloudckpt.load` uses it when no planner is given.
+    """
+
+    def create_local_plan(self) -> LoadPlan:
+        """Check kinds, then plan as DCP does."""
+        sdm = getattr(self.metadata, "state_dict_metadata", None) or {}
+        for fqn, value in self.state_dict.items():
+            md = sdm.get(fqn)
+            if isinstance(md, (BytesStorageMetadata, TensorStorageMetadata)):
+                _check_kind(fqn, isinstance(md, BytesStorageMetadata), value, "the checkpoint")
+        return super().create_local_plan()
 
 
 def _row_major(sizes: list[int]) -> list[int]:

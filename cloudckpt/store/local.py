@@ -133,7 +133,13 @@ class LocalStore(ObjectStore):
             size = os.fstat(f.fileno()).st_size
             if max_size is not None and size > max_size:
                 raise self.too_large(key, size, max_size)
-            return f.read() if max_size is None else f.read(max_size + 1)[: max_size]
+            if max_size is None:
+                return f.read()
+            # Never ask read() for max_size bytes: it allocates what it is asked for up front.
+            data = f.read(min(size, max_size) + 1)
+            if len(data) > max_size:
+                raise self.too_large(key, len(data), max_size)
+            return data
 
     def get_range(self, key: str, start: int, out: memoryview) -> None:
         out = memoryview(out).cast("B")

@@ -495,7 +495,7 @@ def zip_members(blob: "bytes | bytearray | memoryview") -> dict[str, tuple[int, 
     Unlike the fast path of :func:`parse_tensor_record`, this is for untrusted
     archives: members must be stored (uncompressed, as torch.save writes them),
     lie inside ``blob`` and carry valid local headers. Raises ``ValueError``
-    (``zipfile.BadZipFile`` is one) for anything else.
+    for anything else.
     """
     view = memoryview(blob).cast("B")
     try:
@@ -503,20 +503,20 @@ def zip_members(blob: "bytes | bytearray | memoryview") -> dict[str, tuple[int, 
         infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, struct.error, ValueError,
             UnicodeDecodeError, OverflowError) as exc:
-        raise zipfile.BadZipFile(f"not a readable zip archive ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"not a readable zip archive ({type(exc).__name__}: {exc})") from None
     out: dict[str, tuple[int, int]] = {}
     for zi in infos:
         if zi.compress_type != zipfile.ZIP_STORED:
-            raise zipfile.BadZipFile(f"member {zi.filename!r} is compressed; torch.save never compresses")
+            raise ValueError(f"member {zi.filename!r} is compressed; torch.save never compresses")
         if zi.header_offset < 0 or zi.header_offset + _LOCAL_HEADER.size > view.nbytes:
-            raise zipfile.BadZipFile(f"local header of {zi.filename!r} lies outside the archive")
+            raise ValueError(f"local header of {zi.filename!r} lies outside the archive")
         h = _LOCAL_HEADER.unpack_from(view, zi.header_offset)
         if h[0] != b"PK\x03\x04":
-            raise zipfile.BadZipFile(f"bad local header signature for {zi.filename!r}")
+            raise ValueError(f"bad local header signature for {zi.filename!r}")
         data_offset = zi.header_offset + _LOCAL_HEADER.size + h[9] + h[10]
         if zi.file_size < 0 or data_offset + zi.file_size > view.nbytes:
-            raise zipfile.BadZipFile(f"member {zi.filename!r} runs past the end of the archive")
+            raise ValueError(f"member {zi.filename!r} runs past the end of the archive")
         if zi.filename in out:
-            raise zipfile.BadZipFile(f"member {zi.filename!r} appears twice")
+            raise ValueError(f"member {zi.filename!r} appears twice")
         out[zi.filename] = (data_offset, zi.file_size)
     return out

@@ -404,16 +404,7 @@ class CloudStorageReader(StorageReader):
             if req.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(req, self._byte_stream(data, req.storage_index.fqn, url))
                 return
-            try:
-                rec = layout.parse_tensor_record(data)
-                tensor = layout.payload_view(data, rec) if rec.is_dense() else None
-            except Exception:  # noqa: BLE001 - not a plain record: the restricted loader judges it
-                tensor = None
-            if tensor is None:
-                if self.allow_pickle:
-                    tensor = torch.load(io.BytesIO(data.tobytes()), map_location="cpu", weights_only=True)
-                else:
-                    tensor = safe_pickle.load_tensor_item(data, fqn=req.storage_index.fqn, where=url)
+            tensor = safe_pickle.load_tensor_record(data, fqn=req.storage_index.fqn, where=url)
             try:
                 for dim, (off, n) in enumerate(zip(req.storage_offsets, req.lengths)):
                     tensor = tensor.narrow(dim, off, n)

@@ -46,6 +46,7 @@ __all__ = [
     "validate_metadata",
     "load_byte_item",
     "load_tensor_item",
+    "load_tensor_record",
     "reserialise",
     "MAX_METADATA_BYTES",
     "MAX_NUMEL",
@@ -525,6 +526,23 @@ def load_tensor_item(data: Any, *, fqn: str, where: str) -> torch.Tensor:
         raise IntegrityError(f"item {fqn!r} in {where} is stored as a tensor but its record holds a "
                              f"{type(obj).__name__}; the checkpoint metadata and data disagree")
     return obj
+
+
+def load_tensor_record(data: Any, *, fqn: str, where: str) -> torch.Tensor:
+    """The tensor of a tensor item's record, as the reader loads it; typed errors only.
+
+    A plain dense record (what DCP and cloudckpt write) is viewed in place,
+    without a copy; anything else goes through :func:`load_tensor_item`.
+    """
+    from cloudckpt import layout
+
+    try:
+        rec = layout.parse_tensor_record(data)
+        if rec.is_dense():
+            return layout.payload_view(memoryview(data).cast("B"), rec)
+    except Exception:  # noqa: BLE001 - not a plain record: the restricted loader judges it
+        pass
+    return load_tensor_item(data, fqn=fqn, where=where)
 
 
 def reserialise(obj: Any) -> io.BytesIO:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
-import json
 import os
 import pickle
 import socketserver
@@ -127,6 +126,21 @@ def test_reduce_gadget_in_byte_item_is_refused(backend, tmp_path):
     with pytest.raises(UnsafeCheckpointItemError):
         cloudckpt.load({"a": torch.zeros(3), "step": 0}, uri, planner=DefaultLoadPlanner(), **_load_args(backend))
     assert not os.path.exists(sentinel)
+
+
+def test_reduce_gadget_is_refused_by_the_manager(backend, tmp_path):
+    sentinel = str(tmp_path / "pwned")
+    src = _gadget_checkpoint(tmp_path, sentinel)
+    backend.upload(str(src), backend.uri("run", layout.step_name(1)))
+    mgr = cloudckpt.CheckpointManager(backend.uri("run"), **backend.options)
+    try:
+        target = {"a": torch.zeros(3), "step": 0}
+        with pytest.raises(UnsafeCheckpointItemError, match="'step'"):
+            mgr.load(target)
+    finally:
+        mgr.close()
+    assert not os.path.exists(sentinel)
+    assert target["step"] == 0
 
 
 def test_verify_reports_the_gadget_without_running_it(backend, tmp_path):
@@ -338,6 +352,29 @@ def test_metadata_allocation_bombs_are_refused(backend, tmp_path, blob):
             cloudckpt.load({"a": torch.zeros(1)}, uri, **_load_args(backend))
         report = cloudckpt.verify(uri, **backend.options)
     assert not report.ok
+
+
+@pytest.mark.parametrize("pkl", [_BYTEARRAY_BOMB, _LIST_BOMB], ids=["bytearray-1GiB", "list-64M"])
+def test_byte_item_allocation_bombs_are_refused(backend, tmp_path, pkl):
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/byteorder", "little")
+    src = tmp_path / "item-bomb"
+    meta = _stock(src, {"a": torch.ones(3), "step": 1})
+    idx = _index(meta, "step")
+    rel = meta.storage_data[idx].relative_path
+    meta.storage_data[idx] = _StorageInfo(rel, *_append(src, rel, buf.getvalue()))
+    _write_metadata(src, meta)
+    uri = backend.uri("item-bomb")
+    backend.upload(str(src), uri)
+    with _bounded(60, 32 * MiB):
+        with pytest.raises(CloudCheckpointError, match="'step'"):
+            cloudckpt.load({"a": torch.zeros(3), "step": 0}, uri, **_load_args(backend))
+        report = cloudckpt.verify(uri, **backend.options)
+    assert any("'step'" in p for p in report.problems), report.problems
 
 
 def test_false_storage_length_allocates_nothing_big(backend, tmp_path):

@@ -111,7 +111,16 @@ class _Watchdog:
             entry.fire()
 
 
+    def reset_after_fork(self) -> None:
+        # A lock held by another thread at fork time stays held in the child: start clean.
+        self._cv = threading.Condition()
+        self._heap = []
+        self._pid = None
+
+
 _WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHDOG.reset_after_fork)
 
 
 @contextlib.contextmanager

@@ -676,8 +676,10 @@ def verify(
     """Check the checkpoint at ``uri`` and return a :class:`VerifyReport`; never loads it into a model.
 
     ``deep`` also parses every tensor record (dtype and shape against the
-    metadata) and checks byte items are well-formed ``torch.save`` archives
-    without unpickling them. ``max_concurrency`` ranged reads of ``piece_size``
+    metadata). Byte items are always loaded with the restricted unpickler (as
+    :func:`cloudckpt.load` does by default, never running stored code); one that
+    names a class outside the allow-list, or holds a tensor, is a problem.
+    Every ``relative_path`` must resolve inside the checkpoint. ``max_concurrency`` ranged reads of ``piece_size``
     bytes are in flight at once (memory ~ their product). ``progress`` is
     called with byte counts as they are checked; if it has a ``set_total(n)``
     method, that is called first with the number of bytes to read.

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint._async_executor import _AsyncCheckpointExecuto
 
 from cloudckpt.errors import typed_errors
 from cloudckpt.executors import ThreadCheckpointExecutor
-from cloudckpt.reader import CloudStorageReader, reader_for
+from cloudckpt.reader import CheckedLoadPlanner, CloudStorageReader, reader_for
 from cloudckpt.staging import Stager
 from cloudckpt.transfer import abort_incomplete_uploads
 from cloudckpt.uri import parse_uri
@@ -90,12 +90,13 @@ def load(
     """``dcp.load`` (in place into ``state_dict``) with the reader resolved from ``checkpoint_id``.
 
     ``reader_options`` (``verify=``, ``endpoint_url=`` ...) go to the reader when
-    ``storage_reader`` is None.
+    ``storage_reader`` is None; ``allow_pickle=True`` unpickles byte items with plain pickle (trusted checkpoints only).
     """
     chosen = storage_reader if storage_reader is not None else reader_for(checkpoint_id, **reader_options)
     with typed_errors(chosen):
         dcp.load(state_dict, checkpoint_id=str(parse_uri(checkpoint_id)), storage_reader=chosen,
-                 planner=planner, process_group=process_group, no_dist=no_dist)
+                 planner=planner if planner is not None else CheckedLoadPlanner(), process_group=process_group,
+                 no_dist=no_dist)
 
 
 def _stateful_to_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -108,6 +108,26 @@ class UnknownStoreOptionError(CloudCheckpointError, TypeError):
     """A store option (or a value's type) is not one the backend knows; a misspelt name, usually."""
 
 
+class UnsafeCheckpointItemError(CloudCheckpointError):
+    """A byte item (a pickled non-tensor value) names a class outside the restricted-load allow-list.
+
+    Loading it would run code chosen by whoever wrote the checkpoint. Pass
+    ``allow_pickle=True`` only for checkpoints from a trusted source.
+    """
+
+
+class ItemKindMismatchError(CloudCheckpointError, TypeError):
+    """A key is stored as a tensor but the caller holds a non-tensor (or the reverse); nothing was changed."""
+
+
+class UnsafePathError(IntegrityError):
+    """An object path recorded in a checkpoint points outside it, or at something that is not a regular file."""
+
+
+class ReadDeadlineExceededError(DeadlineExceededError):
+    """A read did not finish within the store's read timeout (a stalled or trickling server)."""
+
+
 class UnpicklableWriterError(CloudCheckpointError, TypeError):
     """A writer or planner cannot be sent to the checkpoint process because it holds live state (a client)."""
 

@@ -59,6 +59,9 @@ __all__ = [
     "TensorRecord",
     "parse_tensor_record",
     "payload_view",
+    "MAX_RELATIVE_PATH",
+    "check_relative_path",
+    "zip_members",
 ]
 
 # -- object names -----------------------------------------------------------------------
@@ -548,3 +551,77 @@ def payload_view(blob: memoryview, rec: TensorRecord) -> torch.Tensor:
 def segments_nbytes(segments: Sequence[Any]) -> int:
     """Total size of a list of buffers."""
     return sum(memoryview(s).nbytes for s in segments)
+
+
+# -- untrusted names and archives ---------------------------------------------------
+
+#: The longest ``relative_path`` a checkpoint may record (S3 keys are at most 1024 bytes).
+MAX_RELATIVE_PATH = 1024
+
+
+def check_relative_path(rel: Any, where: str) -> str:
+    """``rel`` if it names an object *inside* the checkpoint, else :class:`~cloudckpt.errors.UnsafePathError`.
+
+    ``relative_path`` comes from ``.metadata``, which anyone who can write the
+    bucket or directory controls. It must be a relative, normalised,
+    '/'-separated name: no absolute path, no ``..``/``.``/empty segment, no
+    backslash, no control character, at most :data:`MAX_RELATIVE_PATH` bytes.
+    Sub-folders (``0000000000/epoch_3/__0_0.distcp``, as s3torchconnector
+    writes) stay valid. ``where`` names the object that recorded the path.
+    """
+    from cloudckpt.errors import UnsafePathError
+
+    def bad(why: str) -> UnsafePathError:
+        return UnsafePathError(
+            f"{where} records the object path {rel!r}, which {why}; a checkpoint may only name objects inside "
+            "itself. The metadata is corrupt or was tampered with: restore it from a trusted copy")
+
+    if not isinstance(rel, str):
+        raise bad(f"is a {type(rel).__name__}, not a string")
+    if not rel:
+        raise bad("is empty")
+    if len(rel.encode("utf-8", "surrogatepass")) > MAX_RELATIVE_PATH:
+        raise bad(f"is longer than {MAX_RELATIVE_PATH} bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        raise bad("contains a control character")
+    if "\\" in rel:
+        raise bad("contains a backslash")
+    if rel.startswith("/"):
+        raise bad("is absolute")
+    for seg in rel.split("/"):
+        if seg in ("", ".", ".."):
+            raise bad(f"has a {seg or 'empty'!r} segment" if seg else "has an empty segment")
+    return rel
+
+
+def zip_members(blob: "bytes | bytearray | memoryview") -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, size) of a ``torch.save`` zip archive, every bound checked.
+
+    Unlike the fast path of :func:`parse_tensor_record`, this is for untrusted
+    archives: members must be stored (uncompressed, as torch.save writes them),
+    lie inside ``blob`` and carry valid local headers. Raises ``ValueError``
+    for anything else.
+    """
+    view = memoryview(blob).cast("B")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(view))  # reads only the central directory
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, struct.error, ValueError,
+            UnicodeDecodeError, OverflowError) as exc:
+        raise ValueError(f"not a readable zip archive ({type(exc).__name__}: {exc})") from None
+    out: dict[str, tuple[int, int]] = {}
+    for zi in infos:
+        if zi.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"member {zi.filename!r} is compressed; torch.save never compresses")
+        if zi.header_offset < 0 or zi.header_offset + _LOCAL_HEADER.size > view.nbytes:
+            raise ValueError(f"local header of {zi.filename!r} lies outside the archive")
+        h = _LOCAL_HEADER.unpack_from(view, zi.header_offset)
+        if h[0] != b"PK\x03\x04":
+            raise ValueError(f"bad local header signature for {zi.filename!r}")
+        data_offset = zi.header_offset + _LOCAL_HEADER.size + h[9] + h[10]
+        if zi.file_size < 0 or data_offset + zi.file_size > view.nbytes:
+            raise ValueError(f"member {zi.filename!r} runs past the end of the archive")
+        if zi.filename in out:
+            raise ValueError(f"member {zi.filename!r} appears twice")
+        out[zi.filename] = (data_offset, zi.file_size)
+    return out

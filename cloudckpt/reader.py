@@ -4,8 +4,15 @@ Loads are planned per object: every read item becomes a byte range, ranges
 close together are coalesced, and the merged ranges are fetched in parallel
 on one bounded pool. Tensor payloads are copied once, from the downloaded bytes
 (or straight from the socket when the target tensor is the whole stored chunk)
-into the target tensor; ``torch.load`` (``weights_only=True``) is only used for
-records that are not plain dense tensors.
+into the target tensor; records that are not plain dense tensors go through
+the restricted loader of :mod:`cloudckpt.safe_pickle`.
+
+Everything read is untrusted. Byte items (pickled non-tensor values) are loaded
+with the restricted unpickler unless ``allow_pickle=True``, so loading never
+runs code; every ``relative_path`` must name an object inside the checkpoint;
+every object the plan touches is HEADed once, and no item may claim bytes past
+its object's real end, so a forged length never sizes an allocation; a key
+stored as bytes never replaces a tensor the caller holds (nor the reverse).
 
 When the checkpoint was written by cloudckpt, the manifest gives each item's
 payload offset and CRC32C, so a resharded load fetches only the rows it needs
@@ -21,21 +28,25 @@ import json
 import os
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import LoadPlan, LoadPlanner, Metadata, StorageReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan, LoadPlanner, Metadata, StorageReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.futures import Future
 
-from cloudckpt import crc, layout
+from cloudckpt import crc, layout, safe_pickle
 from cloudckpt.errors import (
     CheckpointNotFoundError,
     CloudCheckpointError,
     IntegrityError,
     InvalidURIError,
+    ItemKindMismatchError,
     ObjectNotFoundError,
+    UnsafePathError,
 )
 from cloudckpt.manifest import ItemFacts, Manifest, check_metadata_bytes, find_manifest
 from cloudckpt.safe_pickle import MAX_METADATA_BYTES, load_metadata
@@ -43,7 +54,8 @@ from cloudckpt.store import ObjectStore, open_store
 from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges, default_world_size
 from cloudckpt.uri import StorageURI, parse_uri
 
-__all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader", "reader_for"]
+__all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader", "reader_for",
+           "CheckedLoadPlanner"]
 
 
 def writable_bytes(t: torch.Tensor) -> memoryview:
@@ -67,6 +79,7 @@ class CloudStorageReader(StorageReader):
         read_gap_threshold: int | None = None,
         transfer_options: TransferOptions | None = None,
         verify: bool = True,
+        allow_pickle: bool = False,
         **store_options: Any,
     ) -> None:
         super().__init__()
@@ -75,6 +88,8 @@ class CloudStorageReader(StorageReader):
                                        ("read_gap_threshold", read_gap_threshold)) if v is not None}
         self.transfer_options = dataclasses.replace(opts, **overrides)
         self.verify = verify
+        #: Unpickle byte items with plain pickle (runs whatever code they name): trusted checkpoints only.
+        self.allow_pickle = allow_pickle
         self._store_options = store_options
         self._store: ObjectStore | None = None
         self.uri: StorageURI | None = None
@@ -197,16 +212,15 @@ class CloudStorageReader(StorageReader):
     # -- reading ----------------------------------------------------------------------------
     def _read(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         assert self.metadata is not None and self.uri is not None
-        storage_data = self.metadata.storage_data
+        self._check_kinds(plan, planner)
+        located = self._locate(plan)
         # The world size sets this rank's share of the read rate (see plan_read_pacing).
         engine = TransferEngine(self.store, self.transfer_options, world_size=default_world_size())
         direct: list[tuple[str, int, memoryview]] = []
         direct_done: list[tuple[ReadItem, torch.Tensor, Any, int | None]] = []
         ranged: dict[str, list[tuple[int, int, ReadItem, Any]]] = defaultdict(list)
-        for req in plan.items:
-            info = storage_data[req.storage_index]
+        for req, (info, key) in zip(plan.items, located):
             rel = info.relative_path
-            key = self.uri.key(rel)
             facts = self._facts.get((rel, info.offset))
             if req.type == LoadItemType.BYTE_IO or facts is None or facts.payload_offset is None:
                 ranged[key].append((info.offset, info.offset + info.length, req, ("item", info, facts)))
@@ -222,6 +236,14 @@ class CloudStorageReader(StorageReader):
             for n in req.lengths:
                 numel *= n
             payload_start = info.offset + facts.payload_offset
+            stored = 1
+            for n in sizes:
+                stored *= n
+            if facts.payload_offset + stored * itemsize > info.length:
+                raise IntegrityError(
+                    f"the manifest places item {req.storage_index.fqn!r}'s payload at [{payload_start}, "
+                    f"{payload_start + stored * itemsize}) of {self.store.url(key)}, past the item's end "
+                    f"({info.offset + info.length}); the checkpoint is corrupt or was tampered with")
             full = list(req.storage_offsets) == [0] * len(sizes) and list(req.lengths) == list(sizes)
             if numel == 0:
                 target = planner.resolve_tensor(req)
@@ -253,6 +275,89 @@ class CloudStorageReader(StorageReader):
                     )
             planner.commit_tensor(req, target)
         self._read_ranged(ranged, engine, planner)
+
+    def _check_kinds(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        """Refuse items whose stored kind (tensor or pickled bytes) differs from the caller's value.
+
+        DCP's default planner keeps the flattened target state dict in
+        ``planner.state_dict``; a key the caller holds as a tensor but that
+        ``.metadata`` declares as bytes would otherwise be *replaced* by
+        whatever the bytes unpickle to. Checked before anything is read, so the
+        caller's values are never changed. Planners without that attribute are
+        not checked here (the restricted loader still applies).
+        """
+        assert self.uri is not None
+        targets = getattr(planner, "state_dict", None)
+        if not isinstance(targets, Mapping):
+            return
+        where = self.store.url(self.uri.key(layout.METADATA_NAME))
+        for req in plan.items:
+            fqn = req.dest_index.fqn
+            if fqn in targets:
+                _check_kind(fqn, req.type == LoadItemType.BYTE_IO, targets[fqn], where)
+
+    def _locate(self, plan: LoadPlan) -> list[tuple[Any, str]]:
+        """``(storage info, object key)`` of every item, after checking it against untrusted input.
+
+        Every ``relative_path`` must name an object inside the checkpoint (and,
+        locally, must not escape it through a symlink); every object is HEADed
+        once so no item may claim bytes past the object's real end, which would
+        otherwise size a download buffer from a forged number.
+        """
+        assert self.metadata is not None and self.uri is not None
+        where = self.store.url(self.uri.key(layout.METADATA_NAME))
+        storage_data = self.metadata.storage_data
+        keys: dict[str, str] = {}
+        located: list[tuple[Any, str]] = []
+        for req in plan.items:
+            info = storage_data.get(req.storage_index)
+            if info is None:
+                raise IntegrityError(f"{where} has no storage entry for item {req.storage_index.fqn!r} "
+                                     f"(offset {req.storage_index.offset}); the metadata is incomplete or corrupt")
+            rel = info.relative_path
+            if rel not in keys:
+                keys[rel] = self._object_key(rel, where)
+            located.append((info, keys[rel]))
+        sizes = self._object_sizes(sorted(set(keys.values())), where)
+        for req, (info, key) in zip(plan.items, located):
+            if info.offset + info.length > sizes[key]:
+                raise IntegrityError(
+                    f"{where} places item {req.storage_index.fqn!r} at bytes [{info.offset}, "
+                    f"{info.offset + info.length}) of {self.store.url(key)}, which has only {sizes[key]} bytes; "
+                    "the object is truncated or the metadata was tampered with")
+        return located
+
+    def _object_key(self, rel: str, where: str) -> str:
+        assert self.uri is not None
+        layout.check_relative_path(rel, where)
+        key = self.uri.key(rel)
+        if self.uri.is_local:
+            root = os.path.realpath(self.uri.prefix)
+            real = os.path.realpath(key)
+            if not real.startswith(root.rstrip(os.sep) + os.sep):
+                raise UnsafePathError(
+                    f"{where} records the object path {rel!r}, which resolves to {real} outside the checkpoint "
+                    f"directory {root} (through a symlink); refusing to read it. Remove the link")
+        return key
+
+    def _object_sizes(self, keys: list[str], where: str) -> dict[str, int]:
+        """The real size of every object in ``keys`` (one HEAD each, in parallel)."""
+        if not keys:
+            return {}
+        workers = max(1, min(len(keys), self.transfer_options.max_concurrency))
+        if workers == 1:
+            infos = [self.store.head(k) for k in keys]
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-head") as pool:
+                infos = list(pool.map(self.store.head, keys))
+        sizes: dict[str, int] = {}
+        for key, info in zip(keys, infos):
+            if info is None:
+                raise ObjectNotFoundError(
+                    f"{self.store.url(key)} does not exist (or is not a regular object), but {where} points at it; "
+                    "the checkpoint is incomplete: restore the object or load an earlier checkpoint")
+            sizes[key] = info.size
+        return sizes
 
     def _read_ranged(self, ranged: dict[str, list[tuple[int, int, ReadItem, Any]]], engine: TransferEngine,
                      planner: LoadPlanner) -> None:
@@ -295,18 +400,18 @@ class CloudStorageReader(StorageReader):
                     f"{req.storage_index.fqn!r} (offset {info.offset}, {info.length} bytes): stored bytes "
                     "are corrupt; restore the object or load an earlier checkpoint"
                 )
+            url = self.store.url(self.uri.key(info.relative_path))
             if req.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(req, io.BytesIO(data.tobytes()))
+                planner.load_bytes(req, self._byte_stream(data, req.storage_index.fqn, url))
                 return
+            tensor = safe_pickle.load_tensor_record(data, fqn=req.storage_index.fqn, where=url)
             try:
-                rec = layout.parse_tensor_record(data)
-                tensor = layout.payload_view(data, rec) if rec.is_dense() else None
-            except (ValueError, KeyError, EOFError):
-                tensor = None
-            if tensor is None:
-                tensor = torch.load(io.BytesIO(data.tobytes()), map_location="cpu", weights_only=True)
-            for dim, (off, n) in enumerate(zip(req.storage_offsets, req.lengths)):
-                tensor = tensor.narrow(dim, off, n)
+                for dim, (off, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+                    tensor = tensor.narrow(dim, off, n)
+            except (RuntimeError, IndexError) as exc:
+                raise IntegrityError(
+                    f"item {req.storage_index.fqn!r} in {url} has shape {tuple(tensor.size())}, which does not "
+                    f"hold the requested rows ({exc}); the checkpoint metadata and data disagree") from None
         else:
             _, dtype, sizes, strides, first, full, payload_crc = how
             if self.verify and full and payload_crc is not None and crc.crc32c(data) != payload_crc:
@@ -330,15 +435,66 @@ class CloudStorageReader(StorageReader):
         target.copy_(tensor)
         planner.commit_tensor(req, target)
 
+    def _byte_stream(self, data: memoryview, fqn: str, url: str) -> io.BytesIO:
+        """What the planner's ``load_bytes`` gets: the stored bytes only if pickle is allowed.
+
+        Otherwise the item is loaded by the restricted unpickler (which refuses
+        anything that could run code) and re-serialised, so the planner's own
+        ``torch.load`` only ever meets objects the restricted loader built.
+        """
+        if self.allow_pickle:
+            return io.BytesIO(data.tobytes())
+        obj = safe_pickle.load_byte_item(data, fqn=fqn, where=url)
+        try:
+            return safe_pickle.reserialise(obj)
+        except Exception as exc:  # noqa: BLE001 - e.g. nesting too deep to pickle again
+            raise IntegrityError(f"item {fqn!r} in {url} loaded but cannot be handed to the planner "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
     def _chunk_meta(self, req: ReadItem) -> tuple[torch.dtype, list[int]]:
         assert self.metadata is not None
-        md = self.metadata.state_dict_metadata[req.storage_index.fqn]
-        assert isinstance(md, TensorStorageMetadata)
+        md = self.metadata.state_dict_metadata.get(req.storage_index.fqn)
+        if not isinstance(md, TensorStorageMetadata):
+            raise IntegrityError(f"item {req.storage_index.fqn!r} is read as a tensor but the metadata does not "
+                                 "describe it as one; the metadata is corrupt")
         offsets = list(req.storage_index.offset or [])
         for chunk in md.chunks:
             if list(chunk.offsets) == offsets:
                 return md.properties.dtype, list(chunk.sizes)
         raise IntegrityError(f"no stored chunk of {req.storage_index.fqn!r} at offsets {offsets} in the metadata")
+
+
+def _check_kind(fqn: str, stored_bytes: bool, value: Any, where: str) -> None:
+    """ItemKindMismatchError unless a stored byte item meets a non-tensor and a stored tensor a tensor."""
+    holds_tensor = isinstance(value, torch.Tensor)
+    if stored_bytes != holds_tensor:
+        return
+    stored = "a pickled byte item" if stored_bytes else "a tensor"
+    held = "a tensor" if holds_tensor else f"a {type(value).__name__}"
+    raise ItemKindMismatchError(
+        f"{where} stores key {fqn!r} as {stored}, but the state dict being loaded holds {held} there; "
+        "refusing to load it, and nothing in the state dict was changed. The checkpoint does not match the "
+        "model, or its metadata was altered: check the checkpoint with `cloudckpt verify`")
+
+
+class CheckedLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, which first checks every key's stored kind against the state dict.
+
+    DCP plans a key stored as a tensor for a caller value that is not one (and
+    fails deep inside planning), and plans a key stored as pickled bytes over a
+    tensor (replacing the tensor). This planner refuses both with
+    :class:`~cloudckpt.errors.ItemKindMismatchError` before anything is planned
+    or read; :func:`cloudckpt.load` uses it when no planner is given.
+    """
+
+    def create_local_plan(self) -> LoadPlan:
+        """Check kinds, then plan as DCP does."""
+        sdm = getattr(self.metadata, "state_dict_metadata", None) or {}
+        for fqn, value in self.state_dict.items():
+            md = sdm.get(fqn)
+            if isinstance(md, (BytesStorageMetadata, TensorStorageMetadata)):
+                _check_kind(fqn, isinstance(md, BytesStorageMetadata), value, "the checkpoint")
+        return super().create_local_plan()
 
 
 def _row_major(sizes: list[int]) -> list[int]:
@@ -364,10 +520,12 @@ class S3StorageReader(CloudStorageReader):
         read_gap_threshold: int | None = None,
         transfer_options: TransferOptions | None = None,
         verify: bool = True,
+        allow_pickle: bool = False,
         **client_options: Any,
     ) -> None:
         super().__init__(checkpoint_id, max_concurrency=max_concurrency, read_gap_threshold=read_gap_threshold,
-                         transfer_options=transfer_options, verify=verify, endpoint_url=endpoint_url,
+                         transfer_options=transfer_options, verify=verify, allow_pickle=allow_pickle,
+                         endpoint_url=endpoint_url,
                          region=region, **client_options)
 
 
@@ -386,6 +544,7 @@ class GCSStorageReader(CloudStorageReader):
         read_gap_threshold: int | None = None,
         transfer_options: TransferOptions | None = None,
         verify: bool = True,
+        allow_pickle: bool = False,
         **store_options: Any,
     ) -> None:
         if client is not None:
@@ -393,7 +552,8 @@ class GCSStorageReader(CloudStorageReader):
         if project is not None:
             store_options["project"] = project
         super().__init__(checkpoint_id, max_concurrency=max_concurrency, read_gap_threshold=read_gap_threshold,
-                         transfer_options=transfer_options, verify=verify, **store_options)
+                         transfer_options=transfer_options, verify=verify, allow_pickle=allow_pickle,
+                         **store_options)
 
 
 class LocalStorageReader(CloudStorageReader):

@@ -9,12 +9,16 @@
   whole-object CRC32C, every item's CRC32C and every tensor payload's CRC32C.
   Objects are streamed in ranged pieces on the :class:`TransferEngine`, so
   memory stays at ``max_concurrency x piece_size`` whatever the checkpoint size;
+* **safety** (always): every ``relative_path`` must name an object inside the
+  checkpoint, and every byte item (a pickled Python object) is loaded with the
+  restricted unpickler of :mod:`cloudckpt.safe_pickle`, exactly as
+  :func:`cloudckpt.load` does by default: an item naming a class outside the
+  allow-list is reported with its key and the class (nothing is executed), and
+  a byte item that holds a tensor (a tensor key re-declared as bytes) is reported
+  as a kind mismatch;
 * **contents** (``deep=True``): every tensor item is parsed as a ``torch.save``
   record and its dtype and shape compared with the metadata; records that are
-  not plain dense tensors go through ``torch.load(weights_only=True)``. Byte
-  items (pickled Python objects) are only checked to be well-formed
-  ``torch.save`` zip archives: they are **never** unpickled, because that would
-  run whatever code the stored bytes name.
+  not plain dense tensors go through the same restricted loader.
 
 A checkpoint written by stock DCP has no manifest: its structure (and, with
 ``deep=True``, its records) are checked, and the report says that checksums
@@ -35,13 +39,16 @@ from typing import Any, Callable
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
-from cloudckpt import crc, layout
+from cloudckpt import crc, layout, safe_pickle
 from cloudckpt.errors import (
     CheckpointNotFoundError,
+    CloudCheckpointError,
     IntegrityError,
     ObjectNotFoundError,
     TransferError,
+    UnsafeCheckpointItemError,
     UnsafeMetadataError,
+    UnsafePathError,
 )
 from cloudckpt.manifest import Manifest, check_metadata_bytes, find_manifest
 from cloudckpt.safe_pickle import MAX_METADATA_BYTES, load_metadata
@@ -211,6 +218,7 @@ class _Item:
     chunk: tuple[torch.dtype, list[int]] | None
     crc: int = 0
     payload_crc: int = 0
+    checked: bool = False          # byte item already run through the restricted loader
     head: bytearray = dataclasses.field(default_factory=bytearray)
     tail: bytearray = dataclasses.field(default_factory=bytearray)
 
@@ -270,6 +278,7 @@ class _Verifier:
         self.engine = TransferEngine(store, TransferOptions(max_concurrency=self.max_concurrency))
         self.problems: list[str] = []
         self.notes: list[str] = []
+        self._byte_items: list[_Item] = []
         self.bytes_checked = 0
 
     def url(self, name: str) -> str:
@@ -285,7 +294,7 @@ class _Verifier:
         listing = {}
         for info in self.store.list(base):
             rel = info.key[len(base):]
-            if rel and "/" not in rel:
+            if rel:  # sub-folder objects too (s3torchconnector writes epoch_3/__0_0.distcp)
                 listing[rel] = info
         if layout.METADATA_NAME not in listing:
             meta_url = self.url(layout.METADATA_NAME)
@@ -319,9 +328,12 @@ class _Verifier:
                               "verified, structural checks only")
         if objects:
             self._stream(objects)
+        for it in self._byte_items:
+            if not it.checked:
+                self._check_bytes(it)
         referenced = {o.name for o in objects} | {
             info.relative_path for info in metadata.storage_data.values()}
-        stale = sorted(n for n in listing if n.endswith(layout.DATA_SUFFIX) and n not in referenced)
+        stale = sorted(n for n in listing if "/" not in n and n.endswith(layout.DATA_SUFFIX) and n not in referenced)
         if stale:
             self.notes.append(f"{len(stale)} data object(s) not referenced by .metadata (leftovers, safe to "
                               f"delete): {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
@@ -370,6 +382,10 @@ class _Verifier:
             md = sdm.get(idx.fqn)
             multi = isinstance(md, TensorStorageMetadata) and len(md.chunks) > 1
             label = _label(idx, multi)
+            unsafe = self._unsafe_path(name)
+            if unsafe is not None:
+                self.problems.append(f"{self.url(layout.METADATA_NAME)}: item {label!r}: {unsafe}")
+                continue
             obj = listing.get(name)
             if obj is None:
                 self.problem(name, label, "object is missing")
@@ -395,16 +411,24 @@ class _Verifier:
             if row is not None and row.length != info.length:
                 self.problem(name, label, f"manifest says {row.length} bytes, metadata says {info.length}")
                 row = None
-            items_by_obj.setdefault(name, []).append(_Item(
+            item = _Item(
                 label=label, obj=name, kind=kind, start=info.offset, length=info.length,
                 expected_crc=None if row is None else row.crc32c,
                 payload_offset=None if row is None else row.payload_offset,
                 expected_payload_crc=None if row is None else row.payload_crc32c,
-                chunk=chunk))
+                chunk=chunk)
+            items_by_obj.setdefault(name, []).append(item)
+            if kind == "bytes":
+                self._byte_items.append(item)
 
         objects: list[_Obj] = []
         names = set(m_objects) | (set(items_by_obj) if self.deep else set())
         for name in sorted(names):
+            if name not in items_by_obj:
+                unsafe = self._unsafe_path(name)
+                if unsafe is not None:
+                    self.problem(layout.METADATA_NAME, None, f"the manifest lists an object: {unsafe}")
+                    continue
             info = listing.get(name)
             expected = m_objects.get(name)
             if info is None:
@@ -422,6 +446,21 @@ class _Verifier:
             objects.append(_Obj(name=name, key=self.uri.key(name), size=info.size, expected_size=exp_size,
                                 expected_crc=None if expected is None else expected.crc32c, items=items))
         return objects, n_items
+
+    def _unsafe_path(self, name: Any) -> str | None:
+        """Why ``name`` does not resolve inside the checkpoint, or None if it does."""
+        try:
+            layout.check_relative_path(name, self.url(layout.METADATA_NAME))
+        except UnsafePathError as exc:
+            return str(exc)
+        if self.uri.is_local:
+            import os
+
+            root = os.path.realpath(self.uri.prefix)
+            real = os.path.realpath(self.uri.key(name))
+            if not real.startswith(root.rstrip(os.sep) + os.sep):
+                return f"object path {name!r} resolves to {real}, outside the checkpoint directory (a symlink)"
+        return None
 
     # -- streaming --------------------------------------------------------------------------
     def _stream(self, objects: list[_Obj]) -> None:
@@ -531,8 +570,33 @@ class _Verifier:
     def _parse(self, it: _Item) -> None:
         if it.kind == "bytes":
             self._parse_bytes(it)
+            if not it.checked:
+                self._check_bytes(it)
         else:
             self._parse_tensor(it)
+
+    def _check_bytes(self, it: _Item) -> None:
+        """Run a byte item through the restricted loader, as a load would; nothing stored is executed."""
+        it.checked = True
+        try:
+            whole = self._fetch_whole(it, "byte item too large to check")
+        except CloudCheckpointError as exc:
+            self.problem(it.obj, it.label, f"could not be read: {exc}")
+            return
+        if whole is None:
+            return
+        try:
+            obj = safe_pickle.load_byte_item(whole, fqn=it.label, where=self.url(it.obj))
+        except UnsafeCheckpointItemError as exc:
+            self.problems.append(str(exc))
+            return
+        except IntegrityError as exc:
+            self.problem(it.obj, it.label, f"byte item does not load: {exc}")
+            return
+        if isinstance(obj, torch.Tensor):
+            self.problem(it.obj, it.label, "is declared in .metadata as a byte item but holds a tensor (DCP "
+                                           "stores tensors as tensor items): a load would replace the model's "
+                                           "tensor with it; the metadata was probably altered")
 
     def _parse_bytes(self, it: _Item) -> None:
         try:
@@ -578,9 +642,12 @@ class _Verifier:
         if whole is None:
             return
         try:
-            t = torch.load(io.BytesIO(whole), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure means the record does not load
-            self.problem(it.obj, it.label, f"torch.load(weights_only=True) fails: {type(exc).__name__}: {exc}")
+            t = safe_pickle.load_byte_item(whole, fqn=it.label, where=self.url(it.obj))
+        except UnsafeCheckpointItemError as exc:
+            self.problems.append(str(exc))
+            return
+        except CloudCheckpointError as exc:
+            self.problem(it.obj, it.label, f"tensor record does not load: {exc}")
             return
         if not isinstance(t, torch.Tensor):
             self.problem(it.obj, it.label, f"record holds a {type(t).__name__}, not a tensor")
@@ -609,8 +676,10 @@ def verify(
     """Check the checkpoint at ``uri`` and return a :class:`VerifyReport`; never loads it into a model.
 
     ``deep`` also parses every tensor record (dtype and shape against the
-    metadata) and checks byte items are well-formed ``torch.save`` archives
-    without unpickling them. ``max_concurrency`` ranged reads of ``piece_size``
+    metadata). Byte items are always loaded with the restricted unpickler (as
+    :func:`cloudckpt.load` does by default, never running stored code); one that
+    names a class outside the allow-list, or holds a tensor, is a problem.
+    Every ``relative_path`` must resolve inside the checkpoint. ``max_concurrency`` ranged reads of ``piece_size``
     bytes are in flight at once (memory ~ their product). ``progress`` is
     called with byte counts as they are checked; if it has a ``set_total(n)``
     method, that is called first with the number of bytes to read.

@@ -18,11 +18,15 @@ class Opaque:
         return isinstance(other, Opaque) and (self.name, self.values) == (other.name, other.values)
 
 
-def realistic_state_dict(seed: int = 0) -> dict[str, Any]:
-    """Several dtypes, views, 0-d/empty tensors, nesting and non-tensor values."""
+def realistic_state_dict(seed: int = 0, *, opaque: bool = False) -> dict[str, Any]:
+    """Several dtypes, views, 0-d/empty tensors, nesting and non-tensor values.
+
+    ``opaque=True`` adds a custom class instance (``extra``), which loads only with
+    ``allow_pickle=True``: restricted loading refuses classes outside its allow-list.
+    """
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(64, 48, generator=g)
-    return {
+    sd: dict[str, Any] = {
         "model": {
             "embed.weight": torch.randn(257, 33, generator=g),
             "fc.weight": torch.randn(40, 30, generator=g).to(torch.bfloat16),
@@ -42,9 +46,11 @@ def realistic_state_dict(seed: int = 0) -> dict[str, Any]:
         },
         "step": 1234,
         "run_name": "exp-42",
-        "extra": Opaque("meta", [1, 2, 3]),
         "history": [torch.ones(3), torch.zeros(2, 2)],
     }
+    if opaque:
+        sd["extra"] = Opaque("meta", [1, 2, 3])
+    return sd
 
 
 def empty_like_state_dict(sd: Any) -> Any:

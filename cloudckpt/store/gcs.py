@@ -44,9 +44,11 @@ from cloudckpt.errors import (
     IntegrityError,
     ObjectNotFoundError,
     PreconditionFailedError,
+    ReadDeadlineExceededError,
     TransferError,
 )
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
+from cloudckpt.store._deadline import body_deadline
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
 from cloudckpt.store.options import GCSRequestOptions
 from cloudckpt.store.s3 import redact_library_logs
@@ -187,6 +189,9 @@ class GCSStore(ObjectStore):
         endpoint_url: e.g. an emulator's ``http://127.0.0.1:PORT``; requests to it
             are anonymous. ``STORAGE_EMULATOR_HOST`` is honoured the same way.
         timeout: ``(connect, read)`` seconds per HTTP request (one number sets both).
+            A download whose body has not fully arrived ``read`` seconds after its
+            headers (a trickling server) is cut and fails with
+            ``ReadDeadlineExceededError``, not retried.
         max_pool_connections: size of the HTTP connection pool (one per
             concurrent transfer thread).
         retry_policy: how requests are retried (:class:`~cloudckpt.retry.RetryPolicy`).
@@ -598,23 +603,78 @@ class GCSStore(ObjectStore):
             )
         return info
 
+    def _deadline_error(self, key: str, action: str) -> ReadDeadlineExceededError:
+        return ReadDeadlineExceededError(
+            f"failed to {action} {self.url(key)}: the response did not arrive within the read timeout "
+            f"({self.timeout[1]:g} s) although the connection stayed open (a stalled or trickling server); "
+            "not retried. Check the endpoint, or raise timeout= for very slow links")
+
     def get(self, key: str, *, max_size: int | None = None) -> bytes:
-        """Download a whole object; the client verifies GCS's CRC32C of it."""
-        if max_size is not None:
-            info = self.head(key)
-            if info is None:
-                raise ObjectNotFoundError(f"{self.url(key)} does not exist (while trying to download it)")
-            if info.size > max_size:
-                raise self.too_large(key, info.size, max_size)
-        blob = self._bucket().blob(key)
+        """Download a whole object, checked against GCS's CRC32C of it (``x-goog-hash``).
+
+        The size is known from the response headers before the body is read, so
+        ``max_size`` refuses an oversized object unread, and the body must arrive
+        within the read timeout (a trickling server is cut off, not waited for).
+        """
+        url = self._media_url(key)
 
         def call() -> bytes:
-            data = blob.download_as_bytes(checksum="crc32c", retry=None, timeout=self.timeout)
-            if max_size is not None and len(data) > max_size:
-                raise self.too_large(key, len(data), max_size)
-            return data
+            from google.api_core import exceptions as gexc
+
+            resp = self._session.request("GET", url, headers={"Accept-Encoding": "identity"},
+                                         params=self.request_options.json_params(), timeout=self.timeout, stream=True)
+            try:
+                if resp.status_code != 200:
+                    resp.content  # noqa: B018 - load the error body for the message
+                    raise gexc.from_http_response(resp)
+                length = resp.headers.get("Content-Length")
+                size = int(length) if length is not None and length.isdigit() else None
+                if max_size is not None and size is not None and size > max_size:
+                    raise self.too_large(key, size, max_size)
+                limit = max_size + 1 if max_size is not None else None
+                data = bytearray()
+                with body_deadline(self.timeout[1], resp.raw) as deadline:
+                    try:
+                        while limit is None or len(data) < limit:
+                            chunk = resp.raw.read(1 << 20 if limit is None else min(1 << 20, limit - len(data)))
+                            if not chunk:
+                                break
+                            data += chunk
+                    except Exception:
+                        if deadline.expired:
+                            raise self._deadline_error(key, "download") from None
+                        raise
+                    if deadline.expired and (size is None or len(data) < size):
+                        raise self._deadline_error(key, "download")
+                if max_size is not None and len(data) > max_size:
+                    raise self.too_large(key, len(data), max_size)
+                if size is not None and len(data) != size:
+                    raise http.client.IncompleteRead(b"", size - len(data))  # broken transfer: retried
+                self._check_hash(resp, data, key)
+                return bytes(data)
+            finally:
+                resp.close()
 
         return self._run("download", key, call)
+
+    @staticmethod
+    def _check_hash(resp: Any, data: "bytes | bytearray", key: str) -> None:
+        """Compare the body with the CRC32C GCS sent in ``x-goog-hash`` (when it sent one)."""
+        for part in resp.headers.get("x-goog-hash", "").split(","):
+            name, _, value = part.strip().partition("=")
+            if name == "crc32c" and value:
+                try:
+                    want = crc.from_base64(value)
+                except Exception:  # noqa: BLE001 - an unreadable header is not a checksum
+                    return
+                if crc.crc32c(data) != want:
+                    try:
+                        from google.cloud.storage.exceptions import DataCorruption
+                    except ImportError:  # pragma: no cover - older storage releases
+                        from google.resumable_media import DataCorruption  # type: ignore[no-redef]
+                    # Damaged in transit (GCS verified the stored bytes at upload): retried.
+                    raise DataCorruption(resp, f"CRC32C of the downloaded {key} does not match x-goog-hash")
+                return
 
     def get_range(self, key: str, start: int, out: memoryview) -> None:
         """Read bytes ``[start, start + len(out))`` of ``key`` straight into ``out``."""
@@ -648,11 +708,19 @@ class GCSStore(ObjectStore):
                 # Read from the http.client response directly: one copy, socket -> out.
                 readinto = fp.readinto if fp is not None and hasattr(fp, "readinto") and not resp.headers.get(
                     "Content-Encoding") else resp.raw.readinto
-                while got < n:
-                    k = readinto(out[got:])
-                    if not k:
-                        break
-                    got += k
+                with body_deadline(self.timeout[1], resp.raw) as deadline:
+                    try:
+                        while got < n:
+                            k = readinto(out[got:])
+                            if not k:
+                                break
+                            got += k
+                    except Exception:
+                        if deadline.expired:
+                            raise self._deadline_error(key, "read") from None
+                        raise
+                    if deadline.expired and got < n:
+                        raise self._deadline_error(key, "read")
                 if got < n and length is not None and got - (first - start) < int(length):
                     # Fewer bytes than the server announced: the transfer broke, not the
                     # object. Retried, resuming at ``got``.

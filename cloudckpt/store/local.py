@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import stat
 import uuid
 from typing import Iterator, Mapping, Sequence
 
@@ -23,6 +24,7 @@ from cloudckpt.errors import (
     ObjectNotFoundError,
     PreconditionFailedError,
     TransferError,
+    UnsafePathError,
 )
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
 
@@ -95,29 +97,61 @@ class LocalStore(ObjectStore):
         self._publish(tmp, key, if_absent)
         return ObjectInfo(key=key, size=os.path.getsize(key), crc32c=crc32c)
 
-    def get(self, key: str, *, max_size: int | None = None) -> bytes:
+    @staticmethod
+    def _open_regular(key: str) -> int:
+        """A read-only descriptor of ``key``, which must be a regular file.
+
+        Opened non-blocking, then checked with fstat: a FIFO or device planted
+        under an object's name is refused at once instead of blocking the read
+        forever (or streaming without end).
+        """
         try:
-            with open(key, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if max_size is not None and size > max_size:
-                    raise self.too_large(key, size, max_size)
-                return f.read() if max_size is None else f.read(max_size + 1)[: max_size]
+            fd = os.open(key, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as exc:
             raise ObjectNotFoundError(f"{key} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise ObjectNotFoundError(f"{key} is a directory, not an object") from exc
+        except PermissionError as exc:
+            raise AccessDeniedError(f"cannot read {key}: permission denied") from exc
+        except OSError as exc:
+            raise TransferError(f"cannot open {key}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePathError(f"{key} is not a regular file (a FIFO, device or socket under an object's "
+                                      "name); refusing to read it. Remove it from the checkpoint directory")
+            # Regular files ignore O_NONBLOCK; clear it anyway so reads behave normally.
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        fd = self._open_regular(key)
+        with open(fd, "rb", closefd=True) as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_size is not None and size > max_size:
+                raise self.too_large(key, size, max_size)
+            if max_size is None:
+                return f.read()
+            # Never ask read() for max_size bytes: it allocates what it is asked for up front.
+            data = f.read(min(size, max_size) + 1)
+            if len(data) > max_size:
+                raise self.too_large(key, len(data), max_size)
+            return data
 
     def get_range(self, key: str, start: int, out: memoryview) -> None:
         out = memoryview(out).cast("B")
-        try:
-            with open(key, "rb", buffering=0) as f:
-                f.seek(start)
-                got = 0
-                while got < out.nbytes:
-                    k = f.readinto(out[got:])
-                    if not k:
-                        break
-                    got += k
-        except FileNotFoundError as exc:
-            raise ObjectNotFoundError(f"{key} does not exist") from exc
+        fd = self._open_regular(key)
+        with open(fd, "rb", buffering=0, closefd=True) as f:
+            f.seek(start)
+            got = 0
+            while got < out.nbytes:
+                k = f.readinto(out[got:])
+                if not k:
+                    break
+                got += k
         if got != out.nbytes:
             raise TransferError(f"short read of {key}: wanted bytes [{start}, {start + out.nbytes}), got {got}")
 

@@ -34,11 +34,13 @@ from cloudckpt.errors import (
     IntegrityError,
     ObjectNotFoundError,
     PreconditionFailedError,
+    ReadDeadlineExceededError,
     TransferError,
     UnknownStoreOptionError,
 )
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store._body import SegmentReader
+from cloudckpt.store._deadline import body_deadline
 from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
 from cloudckpt.store.options import S3_CLIENT_OPTIONS, S3RequestOptions, SecretBytes, is_directory_bucket
 from cloudckpt.uri import redact_text, redact_url, scrub_exception
@@ -174,7 +176,10 @@ class S3Store(ObjectStore):
         region: client region.
         max_pool_connections: HTTP connections kept (one per transfer thread).
         connect_timeout, read_timeout: seconds per HTTP request; a stall longer
-            than ``read_timeout`` fails the attempt, which is then retried.
+            than ``read_timeout`` fails the attempt, which is then retried. A
+            download whose body has not fully arrived ``read_timeout`` seconds
+            after its headers (a trickling server) is cut and fails with
+            ``ReadDeadlineExceededError``, not retried.
         max_attempts: attempts per request (shortcut for ``retry_policy.max_attempts``).
         retry_policy: the full :class:`~cloudckpt.retry.RetryPolicy`.
         addressing_style: ``"path"``/``"virtual"``; path by default with a custom endpoint.
@@ -429,15 +434,34 @@ class S3Store(ObjectStore):
         resp = self._run("upload", key, attempt)
         return ObjectInfo(key=key, size=size, etag=resp.get("ETag"), crc32c=crc32c, version=resp.get("VersionId"))
 
+    def _deadline_error(self, key: str, action: str) -> ReadDeadlineExceededError:
+        return ReadDeadlineExceededError(
+            f"failed to {action} {self.url(key)}: the response did not arrive within read_timeout "
+            f"({self.read_timeout:g} s) although the connection stayed open (a stalled or trickling server); "
+            "not retried. Check the endpoint, or raise read_timeout for very slow links")
+
     def get(self, key: str, *, max_size: int | None = None) -> bytes:
         def attempt(_: Attempt) -> bytes:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, **self._extra("GetObject"))
-            size = int(resp.get("ContentLength", 0))
-            if max_size is not None and size > max_size:
-                resp["Body"].close()
-                raise self.too_large(key, size, max_size)
-            # Reading the body is part of the attempt: a truncated or reset body is retried.
-            return resp["Body"].read()
+            body = resp["Body"]
+            try:
+                size = int(resp.get("ContentLength", 0))
+                if max_size is not None and size > max_size:
+                    raise self.too_large(key, size, max_size)
+                # Reading the body is part of the attempt: a truncated or reset body is retried;
+                # a body that trickles in past read_timeout is cut and not retried.
+                with body_deadline(self.read_timeout, body) as deadline:
+                    try:
+                        data = body.read()
+                    except Exception:
+                        if deadline.expired:
+                            raise self._deadline_error(key, "download") from None
+                        raise
+                    if deadline.expired and len(data) < size:
+                        raise self._deadline_error(key, "download")
+                return data
+            finally:
+                body.close()
 
         return self._run("download", key, attempt)
 
@@ -457,11 +481,19 @@ class S3Store(ObjectStore):
             sent = int(resp.get("ContentLength", n - got))
             try:
                 want = min(n, got + sent)
-                while got < want:
-                    k = _readinto(body, out[got:want])
-                    if not k:
-                        break
-                    got += k
+                with body_deadline(self.read_timeout, body) as deadline:
+                    try:
+                        while got < want:
+                            k = _readinto(body, out[got:want])
+                            if not k:
+                                break
+                            got += k
+                    except Exception:
+                        if deadline.expired:
+                            raise self._deadline_error(key, "read") from None
+                        raise
+                    if deadline.expired and got < want:
+                        raise self._deadline_error(key, "read")
             finally:
                 body.close()
             if got < n and got - (first - start) < sent:

@@ -132,6 +132,14 @@ class UnpicklableWriterError(CloudCheckpointError, TypeError):
     """A writer or planner cannot be sent to the checkpoint process because it holds live state (a client)."""
 
 
+class ReplicationError(CloudCheckpointError):
+    """A local-tier step could not be written or replicated on every node; no node committed it."""
+
+
+class PersistError(TransferError):
+    """A local-tier step could not be copied to the object store; nothing new was committed there."""
+
+
 @contextlib.contextmanager
 def typed_errors(reader: Any = None) -> Iterator[None]:
     """Re-raise a DCP ``CheckpointException`` as the cloudckpt error that caused it.

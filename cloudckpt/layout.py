@@ -31,6 +31,7 @@ from cloudckpt.errors import UnsafeMetadataError, UnsupportedTensorError
 __all__ = [
     "METADATA_NAME",
     "LEGACY_MANIFEST_NAME",
+    "NODE_COMMIT_NAME",
     "DATA_SUFFIX",
     "PREFIX_STRATEGIES",
     "check_prefix_strategy",
@@ -76,6 +77,8 @@ METADATA_NAME = ".metadata"
 #: cloudckpt < 0.2 wrote its manifest under this one name for every save.
 LEGACY_MANIFEST_NAME = ".cloudckpt-manifest.json"
 _MANIFEST_STEM = ".cloudckpt-manifest"
+#: A node's commit marker of its copy of a local-tier step (see cloudckpt/tiers.py).
+NODE_COMMIT_NAME = ".cloudckpt-node-commit.json"
 DATA_SUFFIX = ".distcp"
 
 #: Named values of ``prefix_strategy`` (an int >= 2 is a round-robin fan-out).

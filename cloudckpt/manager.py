@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import os
 import signal
 import threading
 import time
@@ -356,6 +357,14 @@ class CheckpointManager:
             does). Leave a few seconds of the platform's grace period for exiting.
         preemption_margin: how many steps after the step at which a rank saw
             the notice every rank stops (see :class:`~cloudckpt.preemption.StepAgreement`).
+        local_dir: a node-local directory (NVMe, or a RAM disk such as
+            ``/dev/shm/ckpt``) that turns on multi-tier checkpoints
+            (:mod:`cloudckpt.tiers`, docs/tiers.md): saves of multiples of
+            ``local_every`` go there and to ``replicas`` other nodes, multiples
+            of ``persist_every`` (None: never) are then copied to ``root_uri``
+            in the background; ``keep_local`` steps stay in the local tier;
+            ``load`` restores the freshest step complete in any tier and sets
+            ``last_load_tier``.
         **writer_options: routed by the table in :mod:`cloudckpt.options`:
             writer options (``part_size``, ``overwrite``, ``prefix_strategy``, ...)
             go to the writer, reader options (``verify``, ``allow_pickle``, ...)
@@ -387,6 +396,11 @@ class CheckpointManager:
         preemption_signals: Iterable[int] = (signal.SIGTERM,),
         preemption_grace: float = 25.0,
         preemption_margin: int = 1,
+        local_dir: "str | os.PathLike[str] | None" = None,
+        local_every: int = 1,
+        persist_every: int | None = None,
+        keep_local: int = 2,
+        replicas: int = 1,
         **writer_options: Any,
     ) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
@@ -408,6 +422,15 @@ class CheckpointManager:
         self._last_async: AsyncCheckpoint | None = None
         self._preemption = self._preemption_guard(preemption, preemption_signals, preemption_grace,
                                                   preemption_margin)
+        # -- multi-tier checkpoints (cloudckpt/tiers.py; docs/tiers.md): only with local_dir --
+        #: The tier the latest tiered load() restored from: "local", "replica", "object_store" (None: nothing).
+        self.last_load_tier: str | None = None
+        self._tiers: Any = None
+        if local_dir is not None:
+            from cloudckpt.tiers import TieredCheckpoints
+
+            self._tiers = TieredCheckpoints(self, local_dir=local_dir, local_every=local_every,
+                                            persist_every=persist_every, keep_local=keep_local, replicas=replicas)
 
     @property
     def keep_last(self) -> int | None:
@@ -490,6 +513,8 @@ class CheckpointManager:
 
         step = _check_step(step)
         self._check_open()
+        if self._tiers is not None:
+            return self._tiers.save(state_dict, step)
         # Emergency only once the ranks agreed (not on a local notice alone): every rank takes the same path.
         if self._preemption.stop_deadline() is not None:
             return self._emergency_save(state_dict, step)
@@ -523,6 +548,8 @@ class CheckpointManager:
 
         step = _check_step(step)
         self._check_open()
+        if self._tiers is not None:
+            return self._tiers.async_save(state_dict, step)
         t0 = time.perf_counter()
         self.wait()
         writer = self._writer(step)
@@ -575,6 +602,8 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Wait for every in-flight async save; raise the first error among them (once)."""
+        if self._tiers is not None:
+            self._tiers.wait()
         with self._lock:
             pending, self._pending = self._pending, []
         first: BaseException | None = None
@@ -600,6 +629,8 @@ class CheckpointManager:
 
         from cloudckpt.api import load
 
+        if self._tiers is not None:
+            return self._tiers.load(state_dict, None if step is None else _check_step(step))
         if step is None:
             if dist.is_available() and dist.is_initialized():
                 choice: list[Any] = [None]
@@ -793,6 +824,8 @@ class CheckpointManager:
         self._closed = True
         self._preemption.close()
         try:
+            if self._tiers is not None:
+                self._tiers.close()
             self.wait()
         finally:
             if self._own_executor is not None:

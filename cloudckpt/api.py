@@ -29,19 +29,19 @@ from cloudckpt.writer import CloudStorageWriter, writer_for
 __all__ = ["storage_writer", "storage_reader", "save", "load", "async_save", "AsyncSaveResponse"]
 
 
-def storage_writer(uri: "str | os.PathLike[str]", **options: Any) -> CloudStorageWriter:
+def storage_writer(uri: str | os.PathLike[str], **options: Any) -> CloudStorageWriter:
     """The DCP StorageWriter for ``uri``: S3 for ``s3://``, GCS for ``gs://``, local otherwise."""
     return writer_for(uri, **options)
 
 
-def storage_reader(uri: "str | os.PathLike[str]", **options: Any) -> CloudStorageReader:
+def storage_reader(uri: str | os.PathLike[str], **options: Any) -> CloudStorageReader:
     """The DCP StorageReader for ``uri``: S3 for ``s3://``, GCS for ``gs://``, local otherwise."""
     return reader_for(uri, **options)
 
 
 def save(
     state_dict: dict[str, Any],
-    checkpoint_id: "str | os.PathLike[str]",
+    checkpoint_id: str | os.PathLike[str],
     *,
     storage_writer: CloudStorageWriter | None = None,
     planner: Any = None,
@@ -79,7 +79,7 @@ def _abort_uncommitted(writer: CloudStorageWriter) -> None:
 
 def load(
     state_dict: dict[str, Any],
-    checkpoint_id: "str | os.PathLike[str]",
+    checkpoint_id: str | os.PathLike[str],
     *,
     storage_reader: CloudStorageReader | None = None,
     planner: Any = None,

@@ -120,7 +120,7 @@ class ItemKindMismatchError(CloudCheckpointError, TypeError):
     """A key is stored as a tensor but the caller holds a non-tensor (or the reverse); nothing was changed."""
 
 
-class UnsafePathError(IntegrityError):
+class UnsafePathError(IntegrityError, UnsafeMetadataError):
     """An object path recorded in a checkpoint points outside it, or at something that is not a regular file."""
 
 

@@ -35,9 +35,10 @@ import time
 import traceback
 import uuid
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -77,7 +78,7 @@ class _Worker:
     """One long-lived daemon thread that runs jobs one at a time, in order."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: "queue.Queue[tuple[Future, Callable[[], Any]] | None]" = queue.Queue()
+        self._jobs: queue.Queue[tuple[Future, Callable[[], Any]] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
@@ -110,12 +111,12 @@ class _Worker:
         return not self.thread.is_alive()
 
 
-def _close_at_exit(ref: "weakref.ref[_BaseExecutor]", timeout: float) -> None:
+def _close_at_exit(ref: weakref.ref[_BaseExecutor], timeout: float) -> None:
     executor = ref()
     if executor is not None:
         try:
             executor.close(timeout=timeout)
-        except Exception:  # noqa: BLE001 - never fail interpreter shutdown
+        except Exception:
             log.warning("closing %r at exit failed", executor, exc_info=True)
 
 
@@ -209,7 +210,7 @@ class _BaseExecutor(_AsyncCheckpointExecutor):
             return False
         return True
 
-    def __enter__(self) -> "_BaseExecutor":
+    def __enter__(self) -> _BaseExecutor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -343,7 +344,7 @@ def _watch_parent(parent_pid: int) -> None:
 def _child_main(conn: Any, parent_pid: int, rank: int, world_size: int, addr: _StoreAddress | None,
                 generation: int, collective_timeout: float, torch_threads: int, nice: int) -> None:
     """Entry point of the checkpoint child: join the child gloo group, then serve saves until told to stop."""
-    import torch.multiprocessing  # noqa: F401 - registers the shared-memory tensor reducers
+    import torch.multiprocessing
 
     if nice:
         try:
@@ -577,7 +578,7 @@ class ProcessCheckpointExecutor(_BaseExecutor):
         self._child = _Child(proc, parent_conn, self._generation)
         self.children_started += 1
 
-    def _await_ready(self, child: "_Child", save: "_SaveContext") -> None:
+    def _await_ready(self, child: _Child, save: _SaveContext) -> None:
         """Monitor thread: wait until the child joined its group (once per child)."""
         if child.ready:
             return
@@ -656,7 +657,7 @@ class ProcessCheckpointExecutor(_BaseExecutor):
         # fails at once with a clear error rather than inside the child.
         try:
             return pickle.dumps((writer, planner, kwargs))
-        except Exception as exc:  # noqa: BLE001 - any pickling failure means the same thing
+        except Exception as exc:
             raise UnpicklableWriterError(
                 f"{writer!r} (or planner {planner!r}) cannot be sent to the checkpoint process: {exc}. "
                 "Pass credentials and endpoints as writer options (the child builds its own client) "
@@ -677,7 +678,7 @@ class ProcessCheckpointExecutor(_BaseExecutor):
                         "before the checkpoint process can map them. Stage with Stager(shared_memory=True).",
                         unshared / 2**20)
 
-    def _drive(self, child: "_Child", staged: Any, save: _SaveContext) -> Any:
+    def _drive(self, child: _Child, staged: Any, save: _SaveContext) -> Any:
         """Monitor thread: send the save, then wait for the reply, the child's death or an abort."""
         proc, conn = child.proc, child.conn
         try:
@@ -736,7 +737,7 @@ class ProcessCheckpointExecutor(_BaseExecutor):
         if save.distributed:
             try:
                 self._store.set(save.abort_key, f"{save.rank}|{reason}")
-            except Exception:  # noqa: BLE001 - others then fail by collective timeout instead
+            except Exception:
                 log.warning("could not tell the other ranks to abort", exc_info=True)
 
     def _child_died(self, proc: Any, save: _SaveContext) -> None:
@@ -805,7 +806,7 @@ class ProcessCheckpointExecutor(_BaseExecutor):
                         store.abort_multipart(up.key, up.upload_id)
                 if attempt == 0:
                     time.sleep(0.5)
-        except Exception:  # noqa: BLE001 - best effort; the bucket's lifecycle rule / gc cleans up
+        except Exception:
             log.warning("could not abort the multipart uploads of rank %d under %s", save.rank, uri, exc_info=True)
 
     def abort(self, reason: str = "aborted by the caller", timeout: float | None = 30.0) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from cloudckpt.errors import UnsafeMetadataError, UnsupportedTensorError
+from cloudckpt.errors import UnsupportedTensorError
 
 __all__ = [
     "METADATA_NAME",
@@ -226,49 +226,6 @@ def commit_objects(names: Iterable[str]) -> list[str]:
     return sorted(found, key=order)
 
 
-#: The longest name component any common file system stores (bytes, UTF-8).
-MAX_NAME_BYTES = 255
-#: The longest object name inside a checkpoint (S3's key limit is 1024 bytes).
-MAX_KEY_BYTES = 1024
-
-
-def check_relative_path(name: Any, where: str) -> str:
-    """``name`` if it is a safe object name relative to a checkpoint, else UnsafeMetadataError.
-
-    Safe: a non-empty ``str`` of ``/``-separated components, none empty, ``.``
-    or ``..``, no control characters or backslashes, not absolute, each
-    component at most :data:`MAX_NAME_BYTES` and the whole at most
-    :data:`MAX_KEY_BYTES` in UTF-8. Such a name stays inside the checkpoint on
-    every backend and can be created as a local file. ``where`` names the
-    object the name came from (for the message).
-    """
-    def bad(why: str) -> UnsafeMetadataError:
-        return UnsafeMetadataError(
-            f"{where} names object {name!r}, which {why}; a checkpoint only refers to objects inside itself. "
-            "The checkpoint may have been tampered with: restore it from a trusted copy")
-
-    if not isinstance(name, str) or not name:
-        raise bad("is not a non-empty string")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise bad("contains control characters")
-    if "\\" in name:
-        raise bad("contains a backslash")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise bad("is an absolute path")
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeError:
-        raise bad("is not valid UTF-8") from None
-    if len(encoded) > MAX_KEY_BYTES:
-        raise bad(f"is longer than {MAX_KEY_BYTES} bytes")
-    for part in name.split("/"):
-        if part in ("", ".", ".."):
-            raise bad("has an empty, '.' or '..' path component")
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            raise bad(f"has a component longer than {MAX_NAME_BYTES} bytes")
-    return name
-
-
 def step_name(step: int) -> str:
     """The prefix name the manager writes checkpoint ``step`` under: ``step-{step:010d}``."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -389,7 +346,7 @@ def frame_tensor(index: MetadataIndex, tensor: torch.Tensor) -> FramedItem:
     storage = tensor.untyped_storage()
     nbytes = storage.nbytes()
     sink = _CaptureSink(storage.data_ptr(), nbytes)
-    torch.save(tensor, sink)
+    torch.save(tensor, sink)  # type: ignore[arg-type]  # a RawIOBase is a binary stream
     if nbytes and sink.payload_offset is None:
         # A torch version that copies the payload: still correct, just not zero-copy.
         data = b"".join(bytes(s) for s in sink.segments)
@@ -558,19 +515,25 @@ def segments_nbytes(segments: Sequence[Any]) -> int:
 
 # -- untrusted names and archives ---------------------------------------------------
 
+#: The longest name component any common file system stores (bytes, UTF-8).
+MAX_NAME_BYTES = 255
 #: The longest ``relative_path`` a checkpoint may record (S3 keys are at most 1024 bytes).
-MAX_RELATIVE_PATH = 1024
+MAX_KEY_BYTES = MAX_RELATIVE_PATH = 1024
 
 
 def check_relative_path(rel: Any, where: str) -> str:
     """``rel`` if it names an object *inside* the checkpoint, else :class:`~cloudckpt.errors.UnsafePathError`.
 
-    ``relative_path`` comes from ``.metadata``, which anyone who can write the
-    bucket or directory controls. It must be a relative, normalised,
-    '/'-separated name: no absolute path, no ``..``/``.``/empty segment, no
-    backslash, no control character, at most :data:`MAX_RELATIVE_PATH` bytes.
-    Sub-folders (``0000000000/epoch_3/__0_0.distcp``, as s3torchconnector
-    writes) stay valid. ``where`` names the object that recorded the path.
+    ``relative_path`` (and every object name a copy or a listing turns into a
+    file) comes from storage that anyone who can write the bucket or directory
+    controls. It must be a relative, normalised, '/'-separated name: no
+    absolute path or drive letter, no ``..``/``.``/empty segment, no backslash,
+    no control character, valid UTF-8, each segment at most
+    :data:`MAX_NAME_BYTES` and the whole at most :data:`MAX_KEY_BYTES` bytes.
+    Such a name stays inside the checkpoint on every backend and can be created
+    as a local file. Sub-folders (``0000000000/epoch_3/__0_0.distcp``, as
+    s3torchconnector writes) stay valid. ``where`` names the object that
+    recorded the path.
     """
     from cloudckpt.errors import UnsafePathError
 
@@ -583,21 +546,27 @@ def check_relative_path(rel: Any, where: str) -> str:
         raise bad(f"is a {type(rel).__name__}, not a string")
     if not rel:
         raise bad("is empty")
-    if len(rel.encode("utf-8", "surrogatepass")) > MAX_RELATIVE_PATH:
-        raise bad(f"is longer than {MAX_RELATIVE_PATH} bytes")
+    try:
+        encoded = rel.encode("utf-8")
+    except UnicodeError:
+        raise bad("is not valid UTF-8") from None
+    if len(encoded) > MAX_KEY_BYTES:
+        raise bad(f"is longer than {MAX_KEY_BYTES} bytes")
     if any(ord(c) < 32 or ord(c) == 127 for c in rel):
         raise bad("contains a control character")
     if "\\" in rel:
         raise bad("contains a backslash")
-    if rel.startswith("/"):
+    if rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
         raise bad("is absolute")
     for seg in rel.split("/"):
         if seg in ("", ".", ".."):
-            raise bad(f"has a {seg or 'empty'!r} segment" if seg else "has an empty segment")
+            raise bad(f"has a {seg!r} segment" if seg else "has an empty segment")
+        if len(seg.encode("utf-8")) > MAX_NAME_BYTES:
+            raise bad(f"has a segment longer than {MAX_NAME_BYTES} bytes")
     return rel
 
 
-def zip_members(blob: "bytes | bytearray | memoryview") -> dict[str, tuple[int, int]]:
+def zip_members(blob: bytes | bytearray | memoryview) -> dict[str, tuple[int, int]]:
     """Member name -> (data offset, size) of a ``torch.save`` zip archive, every bound checked.
 
     Unlike the fast path of :func:`parse_tensor_record`, this is for untrusted

@@ -40,17 +40,18 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from cloudckpt import layout
-from cloudckpt.layout import parse_step_name, step_name
 from cloudckpt.errors import (
     CheckpointAbortedError,
     CheckpointNotFoundError,
     CloudCheckpointError,
     DeadlineExceededError,
 )
+from cloudckpt.layout import parse_step_name, step_name
 from cloudckpt.ops import delete_checkpoint, is_committed
 from cloudckpt.options import split_options
 from cloudckpt.store import ObjectStore, open_store
@@ -152,7 +153,7 @@ def committed_steps(store: ObjectStore, root: StorageURI,
         return {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(dirs)),
                                                thread_name_prefix="cloudckpt-list") as pool:
-        found = dict(zip(dirs, pool.map(lambda s: _committed_uri(store, dirs[s]), dirs)))
+        found = dict(zip(dirs, pool.map(lambda s: _committed_uri(store, dirs[s]), dirs), strict=True))
     return {s: u for s, u in sorted(found.items()) if u is not None}
 
 
@@ -201,7 +202,7 @@ class _RetainAfterCommit:
 
     retention: _RetentionJob | None = None
 
-    def finish(self, metadata: Any, results: Any) -> None:  # noqa: D102 - see the class docstring
+    def finish(self, metadata: Any, results: Any) -> None:
         super().finish(metadata, results)  # type: ignore[misc]
         job = self.retention
         # Without collectives every rank writes its own metadata: the manager does not retain then.
@@ -256,7 +257,7 @@ class _AbortableUploads:
     abort_event: threading.Event | None = None
 
     @property
-    def store(self) -> Any:  # noqa: D102 - see the class docstring
+    def store(self) -> Any:
         base = super().store  # type: ignore[misc]
         return base if self.abort_event is None else _AbortGuardStore(base, self.abort_event)
 
@@ -279,7 +280,7 @@ class _ManagedLocalWriter(_AbortableUploads, _RetainAfterCommit, LocalStorageWri
 
 
 #: Managers created per root in this process: keeps each one's preemption key distinct.
-_GUARD_SEQ: dict[str, "itertools.count[int]"] = {}
+_GUARD_SEQ: dict[str, itertools.count[int]] = {}
 _GUARD_LOCK = threading.Lock()
 
 _MANAGED_WRITERS = {"s3": _ManagedS3Writer, "gs": _ManagedGCSWriter, "file": _ManagedLocalWriter}
@@ -386,7 +387,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root_uri: "str | StorageURI",
+        root_uri: str | StorageURI,
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
@@ -396,7 +397,7 @@ class CheckpointManager:
         preemption_signals: Iterable[int] = (signal.SIGTERM,),
         preemption_grace: float = 25.0,
         preemption_margin: int = 1,
-        local_dir: "str | os.PathLike[str] | None" = None,
+        local_dir: str | os.PathLike[str] | None = None,
         local_every: int = 1,
         persist_every: int | None = None,
         keep_local: int = 2,
@@ -467,7 +468,7 @@ class CheckpointManager:
     def _writer(self, step: int) -> Any:
         uri = self.checkpoint_uri(step)
         writer = _MANAGED_WRITERS[self.root.scheme](uri, **self.writer_options)
-        writer.retention = _RetentionJob(str(self.root), self.policy, step) if self.policy.active else None
+        writer.retention = _RetentionJob(str(self.root), self.policy, step) if self.policy.active else None  # type: ignore[attr-defined]
         return writer
 
     # -- queries -------------------------------------------------------------------------------
@@ -835,7 +836,7 @@ class CheckpointManager:
                 self._stager.close()
                 self._stager = None
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -102,7 +102,7 @@ def build_manifest(*, metadata_crc32c: int, writer: str, torch_version: str, sav
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "world_size": world_size,
         "objects": {k: dict(v) for k, v in sorted(objects.items())},
-        "items": {k: sorted(v, key=lambda r: r[0]) for k, v in sorted(items.items())},  # type: ignore[arg-type,return-value]
+        "items": {k: sorted(v, key=lambda r: r[0] or 0) for k, v in sorted(items.items())},
     }
     if extra:
         doc.update(extra)

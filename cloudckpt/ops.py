@@ -848,7 +848,7 @@ def _stale_checkpoint(root: StorageURI, child: str, objs: Mapping[str, ObjectInf
     times = [i.last_modified for i in objs.values()] + [u.initiated for u in uploads]
     if any(t is None for t in times):
         return None  # some age unknown: never guess that a prefix is abandoned
-    newest = max(_utc(t) for t in times)  # type: ignore[arg-type]
+    newest = max(_utc(t) for t in times if t is not None)
     if newest > cutoff:
         return None
     return StaleCheckpoint(str(root.child(child)), len(objs), sum(i.size for i in objs.values()), newest)

@@ -26,7 +26,8 @@ import io
 import math
 import pickle
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -175,7 +176,7 @@ def load_metadata(blob: bytes, where: str) -> Metadata:
         metadata = _MetadataUnpickler(io.BytesIO(blob), where).load()
     except UnsafeMetadataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad object
+    except Exception as exc:
         raise UnsafeMetadataError(
             f"{where} is not a readable DCP metadata file ({type(exc).__name__}: {str(exc)[:200]}); "
             "the object is corrupt or was not written by DCP"
@@ -233,7 +234,7 @@ def _check_tensor_md(md: TensorStorageMetadata, path: str) -> None:
             raise _Invalid(f"{where} is a {type(chunk).__name__}, expected ChunkStorageMetadata")
         offsets = _shape(getattr(chunk, "offsets", None), f"{where}.offsets", len(size))
         sizes = _shape(getattr(chunk, "sizes", None), f"{where}.sizes", len(size))
-        for d, (o, n, full) in enumerate(zip(offsets, sizes, size)):
+        for d, (o, n, full) in enumerate(zip(offsets, sizes, size, strict=True)):
             if o + n > full:
                 raise _Invalid(f"{where} spans [{o}, {o + n}) in dimension {d}, outside the tensor's size {full}")
 
@@ -244,7 +245,7 @@ def _check_storage_info(info: Any, path: str) -> None:
         raise _Invalid(f"{path}.relative_path is a {type(rel).__name__}, expected a str")
     for name in ("offset", "length"):
         v = getattr(info, name, None)
-        if not _is_int(v) or v < 0 or v > _MAX_OFFSET:
+        if not isinstance(v, int) or not _is_int(v) or v < 0 or v > _MAX_OFFSET:
             raise _Invalid(f"{path}.{name} is {v!r}, expected a non-negative int")
     td = getattr(info, "transform_descriptors", None)
     if td is not None and not (isinstance(td, (list, tuple)) and all(isinstance(t, str) for t in td)):
@@ -311,7 +312,7 @@ def validate_metadata(metadata: Any, where: str) -> Metadata:
             f"{where} is not valid DCP metadata: {exc}. The object is corrupt or was tampered with: restore it "
             "from a trusted copy, or re-save the checkpoint"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - e.g. an unhashable or self-referencing field
+    except Exception as exc:
         raise UnsafeMetadataError(
             f"{where} is not valid DCP metadata ({type(exc).__name__}: {str(exc)[:200]}); the object is corrupt "
             "or was tampered with"
@@ -443,8 +444,10 @@ class _ItemUnpickler(pickle.Unpickler):
             raise self._refuse("backward hooks")
         if metadata not in (None, {}) and not isinstance(metadata, dict):
             raise pickle.UnpicklingError("bad tensor metadata")
+        if len(shape) != len(strides):
+            raise pickle.UnpicklingError(f"tensor of size {shape} has {len(strides)} strides")
         if 0 not in shape:
-            extent = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+            extent = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) + 1
             if extent > storage.numel:
                 raise pickle.UnpicklingError(f"tensor of size {shape} and stride {strides} at offset "
                                              f"{storage_offset} lies outside its {storage.numel}-element storage")

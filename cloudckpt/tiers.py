@@ -47,8 +47,9 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -122,7 +123,7 @@ class NodeIdentity:
     local_world_size: int
 
     @classmethod
-    def from_env(cls, rank: int, world_size: int) -> "NodeIdentity":
+    def from_env(cls, rank: int, world_size: int) -> NodeIdentity:
         """Read ``GROUP_RANK``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``."""
         return cls(_env_int("GROUP_RANK", 0), _env_int("LOCAL_RANK", rank), _env_int("LOCAL_WORLD_SIZE", world_size))
 
@@ -536,7 +537,7 @@ class TieredCheckpoints:
     mirrors the manager's (and is collective where the manager's is).
     """
 
-    def __init__(self, manager: Any, *, local_dir: "str | os.PathLike[str]", local_every: int,
+    def __init__(self, manager: Any, *, local_dir: str | os.PathLike[str], local_every: int,
                  persist_every: int | None, keep_local: int, replicas: int,
                  collective_timeout: float = 600.0) -> None:
         for name, value, low in (("local_every", local_every, 1), ("keep_local", keep_local, 1),
@@ -1111,7 +1112,7 @@ class TieredCheckpoints:
         meta_blob, _, _, manifest = self._share_commit_files(path, src, group, write_here=not holder_here,
                                                              want_crc=want_crc)
         saved_world = manifest.doc.get("world_size")
-        if not _uint(saved_world, _MAX_WORLD) or saved_world < 1:
+        if not isinstance(saved_world, int) or not _uint(saved_world, _MAX_WORLD) or saved_world < 1:
             raise IntegrityError(f"the manifest of {path} records no valid world size")
         objects = _objects_by_rank(manifest, saved_world, f"the manifest of {path}")
         owner = {n: r for r, names in objects.items() for n in names}

@@ -56,7 +56,7 @@ class StorageURI:
             return os.path.join(self.prefix, name)
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def child(self, name: str) -> "StorageURI":
+    def child(self, name: str) -> StorageURI:
         """Return the URI of a sub-prefix, e.g. ``root.child("step-100")``."""
         name = name.strip("/")
         if self.is_local:
@@ -93,7 +93,8 @@ def _validate_bucket(scheme: str, bucket: str, uri: str) -> None:
         rules = (
             "3-63 characters of lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
             if scheme == "s3"
-            else "3-63 characters of lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+            else "3-63 characters of lowercase letters, digits, '-', '_' and '.', starting and ending with a letter "
+            "or digit"
         )
         raise InvalidURIError(
             f"invalid bucket name {bucket!r} in checkpoint URI {uri!r}: bucket names must be {rules}"
@@ -117,7 +118,7 @@ def _validate_prefix(prefix: str, uri: str) -> str:
     return prefix
 
 
-def parse_uri(uri: "str | os.PathLike[str] | StorageURI") -> StorageURI:
+def parse_uri(uri: str | os.PathLike[str] | StorageURI) -> StorageURI:
     """Parse ``uri`` into a :class:`StorageURI`, raising :class:`InvalidURIError` on bad input."""
     if isinstance(uri, StorageURI):
         return uri
@@ -158,7 +159,8 @@ def parse_uri(uri: "str | os.PathLike[str] | StorageURI") -> StorageURI:
         )
     if not rest.startswith("//"):
         fixed = f"{scheme}://{rest.lstrip('/')}"
-        raise InvalidURIError(f"malformed checkpoint URI {uri!r}: expected {scheme}://BUCKET/PREFIX (did you mean {fixed!r}?)")
+        raise InvalidURIError(
+            f"malformed checkpoint URI {uri!r}: expected {scheme}://BUCKET/PREFIX (did you mean {fixed!r}?)")
     body = rest[2:]
     bucket, _, prefix = body.partition("/")
     _validate_bucket(scheme, bucket, uri)
@@ -205,7 +207,7 @@ _ECHOED_REQUEST = re.compile(
     re.IGNORECASE | re.DOTALL)
 
 
-def redact_url(url: "str | None") -> "str | None":
+def redact_url(url: str | None) -> str | None:
     """``url`` with any ``user:password@`` replaced by ``***@`` (None stays None)."""
     if url is None:
         return None
@@ -221,7 +223,7 @@ def redact_text(text: str) -> str:
     return _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
 
 
-def scrub_exception(exc: "BaseException | None", *, depth: int = 8) -> None:
+def scrub_exception(exc: BaseException | None, *, depth: int = 8) -> None:
     """Redact, in place, the texts of ``exc`` and the exceptions it chains (cause and context).
 
     Library exceptions (botocore's, urllib3's, requests') embed the request URL,

@@ -20,7 +20,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["BodyDeadline", "body_deadline", "socket_of"]
 
@@ -100,7 +101,7 @@ class _Watchdog:
                 while not self._heap:
                     self._cv.wait()
                 when, _, entry = self._heap[0]
-                if entry._done:  # noqa: SLF001 - disarmed: drop it
+                if entry._done:
                     heapq.heappop(self._heap)
                     continue
                 wait = when - time.monotonic()

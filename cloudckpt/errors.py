@@ -111,6 +111,11 @@ class UnpicklableWriterError(CloudCheckpointError, TypeError):
     """A writer or planner cannot be sent to the checkpoint process because it holds live state (a client)."""
 
 
+class UnsupportedAPIError(TransferError):
+    """The storage endpoint lacks an API cloudckpt needs (e.g. fake-gcs-server has no XML multipart upload)."""
+
+
+
 @contextlib.contextmanager
 def typed_errors(reader: Any = None) -> Iterator[None]:
     """Re-raise a DCP ``CheckpointException`` as the cloudckpt error that caused it.
@@ -136,3 +141,4 @@ def typed_errors(reader: Any = None) -> Iterator[None]:
             if isinstance(err, CloudCheckpointError):
                 raise err from exc
         raise
+

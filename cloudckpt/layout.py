@@ -170,8 +170,51 @@ def is_manifest_name(name: str) -> bool:
     return _MANIFEST_RE.match(name) is not None
 
 
+# -- temporary objects of a parallel composite upload -----------------------------------
+#
+# Where a GCS endpoint has no XML multipart upload API (fake-gcs-server), the GCS
+# store uploads each part of a large object as a temporary object next to it and
+# composes them. Their names say which object and which upload they belong to, so
+# listing them is how unfinished uploads are found (and aborted by ``gc``).
+
+#: What separates the destination key from the rest of a temporary part's name.
+COMPOSITE_PART_MARK = ".cloudckpt-part-"
+#: Upload ids of composite uploads (never the shape of a GCS XML API upload id).
+COMPOSITE_UPLOAD_ID_RE = re.compile(r"^compose-[0-9a-f]{24}$")
+# tag: 0 (the marker holding the metadata), N (part N), tL.I (intermediate I of level L).
+_COMPOSITE_PART_RE = re.compile(
+    r"^(?P<key>.+)\.cloudckpt-part-(?P<upload>compose-[0-9a-f]{24})-(?P<tag>\d{1,5}|t\d{1,2}\.\d{1,5})$",
+    re.DOTALL,
+)
+
+
+def composite_part_name(key: str, upload_id: str, tag: str) -> str:
+    """The temporary object ``tag`` ("0", a part number, "tL.I") of composite upload ``upload_id`` of ``key``."""
+    return f"{key}{COMPOSITE_PART_MARK}{upload_id}-{tag}"
+
+
+def parse_composite_part_name(name: str) -> tuple[str, str, str] | None:
+    """(destination key, upload id, tag) of a temporary composite-upload object, or None."""
+    m = _COMPOSITE_PART_RE.match(name)
+    return (m.group("key"), m.group("upload"), m.group("tag")) if m else None
+
+
+def _is_data_or_its_part(name: str) -> bool:
+    """A data object, or a temporary part of one that is still being uploaded."""
+    parsed = parse_composite_part_name(name)
+    return _DATA_RE.match(parsed[0] if parsed else name) is not None
+
+
 def is_checkpoint_object_name(name: str) -> bool:
-    """True for a name DCP or cloudckpt writes directly inside a checkpoint prefix."""
+    """True for a name DCP or cloudckpt writes directly inside a checkpoint prefix.
+
+    Temporary parts of a composite upload of such an object count too: a save
+    that failed mid-upload leaves them, and ``gc`` must see the prefix as an
+    uncommitted checkpoint to remove them.
+    """
+    parsed = parse_composite_part_name(name)
+    if parsed is not None:
+        name = parsed[0]
     return is_commit_name(name) or is_manifest_name(name) or _DATA_RE.match(name) is not None
 
 
@@ -202,7 +245,7 @@ def checkpoint_state(names: Iterable[str]) -> str | None:
         return COMMITTED
     if not direct or not all(is_checkpoint_object_name(n) for n in direct):
         return None
-    if any(_DATA_RE.match(n) or is_manifest_name(n) for n in direct):
+    if any(_is_data_or_its_part(n) or is_manifest_name(n) for n in direct):
         return UNCOMMITTED
     return None
 

@@ -77,6 +77,8 @@ _DEFAULT_MAX_RESULTS = 1000
 _SMALL_BODY = 64 * 1024
 _BUCKET_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+# multipart/related boundary: "quoted" (RFC 2045), 'quoted' (apitools, so gcloud storage) or bare.
+_BOUNDARY_RE = re.compile(r"""boundary\s*=\s*(?:"([^"]+)"|'([^']+)'|([^;\s]+))""", re.IGNORECASE)
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
 _WRITABLE_FIELDS = (
     "cacheControl",
@@ -620,6 +622,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._json_api(method, [unquote(s) for s in segs[2:]], query, body)
             elif segs[:3] == ["upload", "storage", "v1"]:
                 self._upload_api(method, [unquote(s) for s in segs[3:]], query, body)
+            elif segs[:4] == ["resumable", "upload", "storage", "v1"]:
+                # apitools clients (gcloud storage, gsutil) start resumable uploads on
+                # this path (their upload config's ``resumable_path``); GCS serves it
+                # exactly like /upload/storage/v1.
+                self._upload_api(method, [unquote(s) for s in segs[4:]], query, body)
             elif segs[:3] == ["download", "storage", "v1"]:
                 if method not in ("GET", "HEAD") or len(segs) != 7 or segs[3] != "b" or segs[5] != "o":
                     raise _HTTPError(404, f"Not found: {url.path}", "notFound")
@@ -1195,35 +1202,48 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Split a two-part multipart/related body into (json, data, data content type).
 
         Done by hand with ``bytearray.find`` so the data part is a zero-copy view.
+        Line ends may be CRLF (RFC 2046, google-cloud-storage) or bare LF (apitools,
+        so gcloud storage and gsutil, whose ``email.generator`` writes ``\\n``); the
+        first delimiter line decides which, and the same is used throughout so a
+        payload ending in ``\\r`` is never cut short. The boundary parameter may be
+        quoted with ``"`` or (apitools) ``'``.
         """
         ctype = self.headers.get("Content-Type", "")
-        m = re.search(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', ctype, re.IGNORECASE)
+        m = _BOUNDARY_RE.search(ctype)
         if not ctype.lower().startswith("multipart/related") or m is None:
             raise _bad_request("Multipart upload needs a multipart/related Content-Type with a boundary")
-        delim = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+        boundary = next(g for g in m.groups() if g is not None)
+        delim = b"--" + boundary.encode("latin-1")
         view = memoryview(body).toreadonly()
+        first = body.find(delim)
+        if first < 0 or (first > 0 and body[first - 1:first] != b"\n"):
+            raise _bad_request("Malformed multipart body: no boundary")
+        after = first + len(delim)
+        if body[after:after + 2] == b"\r\n":
+            eol = b"\r\n"
+        elif body[after:after + 1] == b"\n":
+            eol = b"\n"
+        else:
+            raise _bad_request("Malformed multipart body: boundary line not terminated")
 
         def part_at(pos: int) -> tuple[int, str]:
             # ``pos`` points just after a delimiter line; returns (payload start, content-type).
-            hdr_end = body.find(b"\r\n\r\n", pos)
+            hdr_end = body.find(eol + eol, pos - len(eol))
             if hdr_end < 0:
                 raise _bad_request("Malformed multipart body: part headers not terminated")
             part_type = ""
-            for line in bytes(body[pos:hdr_end]).decode("latin-1").split("\r\n"):
+            for line in bytes(body[pos:hdr_end]).decode("latin-1").split(eol.decode("ascii")):
                 key, _, value = line.partition(":")
                 if key.strip().lower() == "content-type":
                     part_type = value.strip()
-            return hdr_end + 4, part_type
+            return hdr_end + 2 * len(eol), part_type
 
-        first = body.find(delim)
-        if first < 0:
-            raise _bad_request("Malformed multipart body: no boundary")
-        json_start, _ = part_at(first + len(delim) + 2)
-        json_end = body.find(b"\r\n" + delim, json_start)
+        json_start, _ = part_at(after + len(eol))
+        json_end = body.find(eol + delim, json_start)
         if json_end < 0:
             raise _bad_request("Malformed multipart body: missing second part")
-        data_start, data_type = part_at(json_end + 2 + len(delim) + 2)
-        data_end = body.rfind(b"\r\n" + delim + b"--")
+        data_start, data_type = part_at(json_end + len(eol) + len(delim) + len(eol))
+        data_end = body.rfind(eol + delim + b"--")
         if data_end < data_start:
             raise _bad_request("Malformed multipart body: missing closing boundary")
         return view[json_start:json_end], view[data_start:data_end], data_type

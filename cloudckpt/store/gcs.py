@@ -10,7 +10,11 @@
   google-resumable-media's ``XMLMPUContainer``; parts are sent by hand on the
   client's authorized session because ``XMLMPUPart`` can only read a file,
   while our bodies are lists of buffers sent without being joined. Each part
-  carries ``x-goog-hash: crc32c=...``, which GCS verifies.
+  carries ``x-goog-hash: crc32c=...``, which GCS verifies. Where an endpoint
+  has no XML multipart API (fake-gcs-server answers 404), the store notices once
+  per endpoint and uses parallel composite uploads instead: parts as temporary
+  objects with their CRC32C, ``compose`` (32 at a time, in a tree), a CRC32C
+  check of the result, then the temporaries are deleted (see ``multipart_api``).
 * Ranged reads land directly in the caller's buffer.
 * Retries are cloudckpt's (:mod:`cloudckpt.retry`; every client call here passes
   ``retry=None``): 429/503 are throttling, 408/5xx and broken connections are
@@ -20,11 +24,13 @@
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures
 import dataclasses
 import datetime as _dt
 import http.client
 import json
+import logging
 import os
 import threading
 import time
@@ -33,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 from urllib.parse import quote
 from xml.etree import ElementTree
 
-from cloudckpt import crc
+from cloudckpt import crc, layout
 from cloudckpt import retry as _retry
 from cloudckpt.errors import (
     AccessDeniedError,
@@ -46,6 +52,7 @@ from cloudckpt.errors import (
     PreconditionFailedError,
     ReadDeadlineExceededError,
     TransferError,
+    UnsupportedAPIError,
 )
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store._deadline import body_deadline
@@ -60,6 +67,10 @@ _T = TypeVar("_T")
 _DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _OCTET = "application/octet-stream"
+#: Sources per compose request (a GCS limit).
+_COMPOSE_LIMIT = 32
+_EMPTY_CRC = 0  # CRC32C of no bytes
+log = logging.getLogger(__name__)
 
 
 class _BufferBody:
@@ -209,6 +220,12 @@ class GCSStore(ObjectStore):
     _transient = ("_client", "_lock", "_user_client")
     #: Objects per list request (GCS caps it at 1000).
     list_page_size: int = 1000
+    #: How multipart uploads travel: "auto" (the XML API multipart upload; where an
+    #: endpoint answers 404 to it although the bucket exists, as fake-gcs-server
+    #: does, parallel composite uploads, decided once per endpoint), "xml" (never
+    #: fall back: such an endpoint raises UnsupportedAPIError) or "compose" (always
+    #: parallel composite uploads). Set it on an instance or a subclass.
+    multipart_api: str = "auto"
 
     def __init__(
         self,
@@ -248,6 +265,8 @@ class GCSStore(ObjectStore):
             policy = dataclasses.replace(policy, unreachable_timeout=unreachable_timeout)
         self.retry_policy = policy
         self._health = _retry.EndpointHealth()
+        # endpoint -> whether it has the XML multipart API (kept when pickled).
+        self._xml_mpu: dict[str, bool] = {}
         self._user_client: Optional[tuple[int, Any]] = (os.getpid(), client) if client is not None else None
         self._client: Optional[tuple[int, Any]] = None
         self._lock: Optional[threading.Lock] = threading.Lock()
@@ -820,6 +839,58 @@ class GCSStore(ObjectStore):
                 fut.result()
 
     # -- multipart ---------------------------------------------------------------
+    #
+    # Two wire paths behind one interface. The XML API multipart upload is used
+    # where the endpoint has it (real GCS, our emulator). Where it answers 404 to
+    # the initiation although the bucket exists (fake-gcs-server has no XML
+    # API), the store falls back to a parallel composite upload, which real GCS
+    # supports too: each part becomes a temporary object (JSON API upload with
+    # its CRC32C), completion composes them (32 sources per request, in a tree
+    # for more) and checks the result's CRC32C against the parts' combined one.
+    # The upload id says which path an upload took; the temporary objects are
+    # named after it (:func:`cloudckpt.layout.composite_part_name`), so listing
+    # finds unfinished composite uploads and ``gc`` aborts them.
+
+    def _xml_multipart_available(self) -> Optional[bool]:
+        """Whether this endpoint has the XML multipart API: True, False, or None (not probed yet)."""
+        if self.multipart_api == "xml":
+            return True
+        if self.multipart_api == "compose":
+            return False
+        known = getattr(self, "_xml_mpu", None)
+        return known.get(self._endpoint()) if known else None
+
+    def _remember_xml_multipart(self, available: bool) -> None:
+        # Per endpoint: a pickled store keeps what it learned, and a copy that ends
+        # up talking to another endpoint (STORAGE_EMULATOR_HOST) probes again.
+        if getattr(self, "_xml_mpu", None) is None:
+            self._xml_mpu = {}
+        self._xml_mpu[self._endpoint()] = available
+
+    def _no_xml_multipart(self, what: str, key: Optional[str]) -> UnsupportedAPIError:
+        where = self.url(key) if key is not None else f"gs://{self.bucket}"
+        return UnsupportedAPIError(
+            f"GCS endpoint {self._endpoint()} answered 404 to the XML API request to {what} for {where} although "
+            f"bucket gs://{self.bucket} exists: it has no XML API multipart upload (fake-gcs-server lacks it). "
+            "Set multipart_api='auto' (the default) to fall back to parallel composite uploads"
+        )
+
+    def _on_xml_404(self, exc: BaseException, what: str, key: Optional[str]) -> None:
+        """Inside a retried call: a 404 that is not "no such bucket/upload" means the XML API is missing."""
+        status, text = _status_and_text(exc)
+        if status == 404 and not _bucket_missing(text) and "NoSuchUpload" not in text:
+            raise self._no_xml_multipart(what, key) from exc
+
+    def _fall_back_from_xml(self, err: UnsupportedAPIError) -> None:
+        """After a 404 from the XML API: raise unless composite uploads may take over."""
+        # A missing bucket answers 404 too, on fake-gcs-server without saying so.
+        self.check_bucket()
+        if self.multipart_api == "xml":
+            raise err
+        if self._xml_multipart_available() is None:
+            log.info("%s; using parallel composite uploads for gs://%s", err, self.bucket)
+        self._remember_xml_multipart(False)
+
     def _container(self, key: str, upload_id: Optional[str] = None, headers: Optional[dict] = None) -> Any:
         try:
             from google.cloud.storage._media.requests import XMLMPUContainer
@@ -833,7 +904,22 @@ class GCSStore(ObjectStore):
         )
 
     def create_multipart(self, key: str, *, metadata: Mapping[str, str] | None = None) -> str:
-        """Start an XML API multipart upload of ``key`` and return its upload id."""
+        """Start a multipart upload of ``key`` and return its upload id.
+
+        XML API multipart upload where the endpoint has it, else a parallel
+        composite upload (decided once per endpoint, see :attr:`multipart_api`).
+        """
+        if self._xml_multipart_available() is False:
+            return self._composite_create(key, metadata)
+        try:
+            upload_id = self._xml_create(key, metadata)
+        except UnsupportedAPIError as err:
+            self._fall_back_from_xml(err)
+            return self._composite_create(key, metadata)
+        self._remember_xml_multipart(True)
+        return upload_id
+
+    def _xml_create(self, key: str, metadata: Mapping[str, str] | None) -> str:
         headers = {f"x-goog-meta-{k}": str(v) for k, v in (metadata or {}).items()}
         headers.update(self.request_options.xml_headers(create=True))
 
@@ -843,7 +929,11 @@ class GCSStore(ObjectStore):
             nonlocal maybe_orphans
             maybe_orphans = attempt.maybe_applied_before
             container = self._container(key, headers=dict(headers))
-            container.initiate(self._session, _OCTET, timeout=self.timeout)
+            try:
+                container.initiate(self._session, _OCTET, timeout=self.timeout)
+            except Exception as exc:  # noqa: BLE001
+                self._on_xml_404(exc, "start a multipart upload (POST ?uploads)", key)
+                raise
             return str(container.upload_id)
 
         upload_id = self._run_attempts("start multipart upload of", key, call)
@@ -864,7 +954,9 @@ class GCSStore(ObjectStore):
             pass  # best effort: `cloudckpt gc` finds what is left
 
     def upload_part(self, key: str, upload_id: str, part_number: int, body: Body, *, crc32c: int) -> PartResult:
-        """PUT one part (its buffers back to back); GCS verifies the part's CRC32C."""
+        """Upload one part (its buffers back to back); GCS verifies the part's CRC32C."""
+        if _is_composite(upload_id):
+            return self._composite_part(key, upload_id, part_number, body, crc32c)
         payload = _BufferBody(body)
         url = self._xml_url(key)
         params = {"partNumber": str(part_number), "uploadId": upload_id}
@@ -891,7 +983,9 @@ class GCSStore(ObjectStore):
     def complete_multipart(
         self, key: str, upload_id: str, parts: Sequence[PartResult], *, if_absent: bool = False
     ) -> ObjectInfo:
-        """Assemble ``parts`` (sorted by number) into ``key``; ``if_absent`` sends x-goog-if-generation-match: 0."""
+        """Assemble ``parts`` (sorted by number) into ``key``; ``if_absent``: only if ``key`` does not exist."""
+        if _is_composite(upload_id):
+            return self._composite_complete(key, upload_id, parts, if_absent=if_absent)
         ordered = sorted(parts, key=lambda p: p.part_number)
         size = sum(p.size for p in ordered)
         whole = crc.combine_all((p.crc32c, p.size) for p in ordered)
@@ -930,6 +1024,9 @@ class GCSStore(ObjectStore):
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Abort an upload; an unknown (already finished) upload is not an error."""
+        if _is_composite(upload_id):
+            self._composite_abort(key, upload_id)
+            return
 
         def call() -> None:
             try:
@@ -942,16 +1039,30 @@ class GCSStore(ObjectStore):
 
         self._run("abort multipart upload of", key, call)
 
-    def list_multipart_uploads(self, prefix: str) -> list[MultipartUpload]:
-        """In-progress XML API multipart uploads whose key starts with ``prefix``."""
+    def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
+        """In-progress uploads whose key starts with ``prefix``: XML API ones, then composite ones."""
+        out: builtins.list[MultipartUpload] = []
+        if self._xml_multipart_available() is not False:
+            try:
+                out = self._xml_list_uploads(prefix)
+            except UnsupportedAPIError as err:
+                self._fall_back_from_xml(err)
+        return out + self._composite_uploads(prefix)
+
+    def _xml_list_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
         url = f"{self._api_base()}/{quote(self.bucket, safe='')}"
-        out: list[MultipartUpload] = []
+        out: builtins.list[MultipartUpload] = []
         params: dict[str, str] = {"uploads": "", "prefix": prefix}
+
+        def call() -> Any:
+            try:
+                return self._request("GET", url, params=dict(params), headers=self.request_options.xml_headers())
+            except Exception as exc:  # noqa: BLE001
+                self._on_xml_404(exc, "list multipart uploads (GET ?uploads)", None)
+                raise
+
         while True:
-            resp = self._run(
-                "list multipart uploads in", None, lambda: self._request("GET", url, params=dict(params),
-                                                                 headers=self.request_options.xml_headers())
-            )
+            resp = self._run("list multipart uploads in", None, call)
             try:
                 root = ElementTree.fromstring(resp.content)
             except ElementTree.ParseError as exc:
@@ -978,3 +1089,211 @@ class GCSStore(ObjectStore):
                 return out
             params["key-marker"] = text(root, "NextKeyMarker") or ""
             params["upload-id-marker"] = text(root, "NextUploadIdMarker") or ""
+
+    # -- parallel composite uploads ------------------------------------------------
+    def _composite_create(self, key: str, metadata: Mapping[str, str] | None) -> str:
+        """Start a composite upload: an empty marker object that keeps ``metadata`` until completion."""
+        upload_id = f"compose-{uuid.uuid4().hex[:24]}"
+        self._json_upload(layout.composite_part_name(key, upload_id, "0"), [], crc32c=_EMPTY_CRC,
+                          metadata=metadata, temporary=True, action="start multipart upload of")
+        return upload_id
+
+    def _composite_part(self, key: str, upload_id: str, part_number: int, body: Body, crc32c: int) -> PartResult:
+        if not 1 <= part_number <= self.max_parts:
+            raise TransferError(f"part number {part_number} of {self.url(key)} is outside 1..{self.max_parts}")
+        name = layout.composite_part_name(key, upload_id, str(part_number))
+        info = self._json_upload(name, body, crc32c=crc32c, temporary=True,
+                                 action=f"upload part {part_number} of")
+        # The generation pins this exact part in the compose request.
+        return PartResult(part_number=part_number, etag=info.version or "", size=info.size, crc32c=crc32c)
+
+    def _json_upload(self, key: str, body: Body, *, crc32c: int, metadata: Mapping[str, str] | None = None,
+                     temporary: bool, action: str) -> ObjectInfo:
+        """One JSON API multipart upload carrying its CRC32C; a stored CRC32C that differs is removed and refused.
+
+        GCS checks the CRC32C before it creates the object; an emulator that does
+        not (fake-gcs-server) is caught by the CRC32C it reports back.
+        """
+        payload = _BufferBody(body)
+        meta: dict[str, Any] = {"name": key, "contentType": _OCTET, "crc32c": crc.to_base64(crc32c),
+                                **self._create_fields(temporary)}
+        if metadata:
+            meta["metadata"] = {str(k): str(v) for k, v in metadata.items()}
+        boundary = f"==============={uuid.uuid4().hex}=="
+        head = (
+            f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n"
+            f"{json.dumps(meta)}\r\n--{boundary}\r\ncontent-type: {_OCTET}\r\n\r\n"
+        ).encode("utf-8")
+        request_body = _BufferBody([head, *payload, f"\r\n--{boundary}--".encode("ascii")])
+        url = f"{self._api_base()}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
+        params = {"uploadType": "multipart", **self.request_options.json_params(create=True)}
+        headers = {"content-type": f'multipart/related; boundary="{boundary}"'}
+
+        def call() -> ObjectInfo:
+            resp = self._request("POST", url, params=params, headers=headers, data=request_body)
+            return self._info_from_json(key, resp.json())
+
+        info = self._run(action, key, call)
+        if info.crc32c is not None and (info.crc32c != crc32c or info.size != len(payload)):
+            self._delete_generation(key, info.version)
+            raise IntegrityError(
+                f"GCS stored {self.url(key)} with CRC32C {info.crc32c:#010x} and {info.size} bytes, expected "
+                f"{crc32c:#010x} and {len(payload)} bytes (while trying to {action} {self.url(key)}); it was removed"
+            )
+        return info
+
+    def _create_fields(self, temporary: bool) -> dict[str, str]:
+        """Object-resource fields of a new object; CMEK and userProject travel as query parameters."""
+        if not temporary:
+            return self.request_options.json_metadata()
+        # Temporary parts live for minutes: in a colder class each would be billed
+        # its minimum storage duration (30 to 365 days), so they stay STANDARD.
+        wanted = self.request_options.storage_class
+        return {"storageClass": "STANDARD"} if wanted and wanted != "STANDARD" else {}
+
+    def _compose(self, dest: str, sources: Sequence[_Source], *, metadata: Mapping[str, str] | None,
+                 temporary: bool, if_absent: bool, action: str) -> ObjectInfo:
+        """One compose request (at most 32 sources, each pinned to its generation)."""
+        size = sum(s.size for s in sources)
+        whole = crc.combine_all((s.crc32c, s.size) for s in sources)
+        destination: dict[str, Any] = {"contentType": _OCTET, **self._create_fields(temporary)}
+        if metadata:
+            destination["metadata"] = dict(metadata)
+        doc = {
+            "kind": "storage#composeRequest",
+            "sourceObjects": [{"name": s.name, **({"generation": s.generation} if s.generation else {})}
+                              for s in sources],
+            "destination": destination,
+        }
+        url = f"{self._api_base()}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(dest, safe='')}/compose"
+        body = json.dumps(doc).encode("utf-8")
+        params = dict(self.request_options.json_params(create=True))
+        if if_absent:
+            params["ifGenerationMatch"] = "0"
+
+        def call(attempt: Attempt) -> ObjectInfo:
+            try:
+                resp = self._request("POST", url, params=params, data=body,
+                                     headers={"content-type": "application/json; charset=UTF-8"})
+            except Exception as exc:  # noqa: BLE001
+                status, _ = _status_and_text(exc)
+                if status == 412 and if_absent and attempt.maybe_applied_before:
+                    # A retry after a lost reply: if the live object is exactly what
+                    # we composed, the compose worked.
+                    info = self.head(dest)
+                    if info is not None and info.size == size and info.crc32c == whole:
+                        return info
+                raise
+            return self._info_from_json(dest, resp.json())
+
+        info = self._run_attempts(action, dest, call)
+        if info.crc32c is None:
+            info = self.head(dest) or info
+        if info.crc32c != whole or info.size != size:
+            got = f"{info.crc32c:#010x}" if info.crc32c is not None else "no CRC32C"
+            self._delete_generation(dest, info.version)
+            raise IntegrityError(
+                f"compose produced {self.url(dest)} with {got} and {info.size} bytes, expected CRC32C {whole:#010x} "
+                f"and {size} bytes (the combination of its parts); it was removed"
+            )
+        return info
+
+    def _composite_complete(self, key: str, upload_id: str, parts: Sequence[PartResult], *,
+                            if_absent: bool) -> ObjectInfo:
+        """Compose the parts into ``key`` (in a tree of 32-way composes), verify it, delete the temporaries."""
+        ordered = sorted(parts, key=lambda p: p.part_number)
+        if not ordered or len({p.part_number for p in ordered}) != len(ordered):
+            raise TransferError(f"cannot complete the upload of {self.url(key)}: no parts, or a part number twice")
+        marker = self.head(layout.composite_part_name(key, upload_id, "0"))
+        if marker is None:
+            raise ObjectNotFoundError(
+                f"the multipart upload {upload_id} of {self.url(key)} no longer exists (it was aborted or "
+                "completed) while trying to complete it")
+        sources = [_Source(layout.composite_part_name(key, upload_id, str(p.part_number)), p.etag, p.crc32c, p.size)
+                   for p in ordered]
+        level = 0
+        while len(sources) > _COMPOSE_LIMIT:
+            sources = self._compose_level(key, upload_id, level, sources)
+            level += 1
+        info = self._compose(key, sources, metadata=marker.metadata, temporary=False, if_absent=if_absent,
+                             action="complete multipart upload of")
+        self._composite_abort(key, upload_id, best_effort=True)
+        return info
+
+    def _compose_level(self, key: str, upload_id: str, level: int, sources: Sequence[_Source]) -> builtins.list[_Source]:
+        """One level of the tree: every 32 sources become one temporary intermediate object."""
+        groups = [sources[i:i + _COMPOSE_LIMIT] for i in range(0, len(sources), _COMPOSE_LIMIT)]
+
+        def one(i: int) -> _Source:
+            group = groups[i]
+            if len(group) == 1:
+                return group[0]
+            name = layout.composite_part_name(key, upload_id, f"t{level}.{i}")
+            info = self._compose(name, group, metadata=None, temporary=True, if_absent=False,
+                                 action="compose the parts of")
+            return _Source(name, info.version or "", info.crc32c or 0, info.size)
+
+        with concurrent.futures.ThreadPoolExecutor(min(8, len(groups))) as pool:
+            return list(pool.map(one, range(len(groups))))
+
+    def _composite_abort(self, key: str, upload_id: str, *, best_effort: bool = False) -> None:
+        """Delete every temporary object of a composite upload (none left is not an error)."""
+        prefix = f"{layout.composite_part_name(key, upload_id, '')}"
+        try:
+            names = [o.key for o in self.list(prefix) if layout.parse_composite_part_name(o.key) is not None]
+            # The marker goes last: while it exists, a listing still shows the upload.
+            self.delete_many([n for n in names if not n.endswith("-0")])
+            self.delete_many([n for n in names if n.endswith("-0")])
+        except CloudCheckpointError:
+            if not best_effort:
+                raise
+            log.warning("could not delete the temporary parts of %s (upload %s); `cloudckpt gc` removes them",
+                        self.url(key), upload_id, exc_info=True)
+
+    def _composite_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
+        """Unfinished composite uploads under ``prefix``, found by their temporary objects' names."""
+        found: dict[tuple[str, str], Optional[_dt.datetime]] = {}
+        token: Optional[str] = None
+        while True:
+            # matchGlob narrows the listing on GCS; servers without it list everything, filtered here.
+            blobs, _, token = self._list_page(token, prefix=prefix,
+                                              match_glob=f"**{layout.COMPOSITE_PART_MARK}compose-*")
+            for blob in blobs:
+                parsed = layout.parse_composite_part_name(blob.name)
+                if parsed is None or not parsed[0].startswith(prefix):
+                    continue
+                when = blob.time_created or blob.updated
+                ident = (parsed[0], parsed[1])
+                old = found.get(ident)
+                found[ident] = when if old is None or (when is not None and when < old) else old
+            if not token:
+                break
+        return [MultipartUpload(key=k, upload_id=u, initiated=when) for (k, u), when in sorted(found.items())]
+
+    def _delete_generation(self, key: str, generation: Optional[str]) -> None:
+        """Best effort: delete exactly this generation of ``key`` (never a newer object of the same name)."""
+        if not generation:
+            return
+        url = f"{self._api_base()}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(key, safe='')}"
+        params = {"ifGenerationMatch": generation, **self.request_options.json_params()}
+        try:
+            self._run("delete", key, lambda: self._request("DELETE", url, params=params, ok=(200, 204, 404, 412)))
+        except CloudCheckpointError:
+            log.warning("could not delete the bad object %s; `cloudckpt gc` removes it", self.url(key), exc_info=True)
+
+
+class _Source:
+    """A source object of a compose request: name, pinned generation, CRC32C and size."""
+
+    __slots__ = ("name", "generation", "crc32c", "size")
+
+    def __init__(self, name: str, generation: str, crc32c: int, size: int) -> None:
+        self.name = name
+        self.generation = generation
+        self.crc32c = crc32c
+        self.size = size
+
+
+def _is_composite(upload_id: str) -> bool:
+    """True for the upload ids of parallel composite uploads (never an XML API upload id)."""
+    return layout.COMPOSITE_UPLOAD_ID_RE.match(upload_id) is not None

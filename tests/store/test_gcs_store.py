@@ -260,6 +260,63 @@ def test_complete_with_unknown_part_fails(store: GCSStore) -> None:
     store.abort_multipart("k", upload_id)
 
 
+# --------------------------------------------------------------------------- composite uploads (forced)
+@pytest.fixture
+def composite(store: GCSStore) -> GCSStore:
+    """The store on the parallel composite upload path, as it is where the XML API is missing."""
+    store.multipart_api = "compose"
+    return store
+
+
+def test_emulator_keeps_the_xml_path(store: GCSStore, emulator: GCSEmulator) -> None:
+    before = emulator.request_counts
+    upload_id = store.create_multipart("xml/k")
+    assert not upload_id.startswith("compose-")
+    assert emulator.request_counts["xml.mpu.initiate"] == before["xml.mpu.initiate"] + 1
+    store.abort_multipart("xml/k", upload_id)
+
+
+def test_composite_complete_with_a_missing_part_fails_typed(composite: GCSStore) -> None:
+    upload_id = composite.create_multipart("c/k")
+    body = os.urandom(100)
+    good = composite.upload_part("c/k", upload_id, 1, [body], crc32c=crc.crc32c(body))
+    bogus = PartResult(part_number=2, etag="1", size=1, crc32c=0)
+    with pytest.raises(ObjectNotFoundError):
+        composite.complete_multipart("c/k", upload_id, [good, bogus])
+    assert composite.head("c/k") is None
+    composite.abort_multipart("c/k", upload_id)
+    assert list(composite.list("c/")) == []
+
+
+def test_composite_complete_after_abort_says_the_upload_is_gone(composite: GCSStore) -> None:
+    upload_id = composite.create_multipart("c/k2")
+    body = os.urandom(100)
+    part = composite.upload_part("c/k2", upload_id, 1, [body], crc32c=crc.crc32c(body))
+    composite.abort_multipart("c/k2", upload_id)
+    with pytest.raises(ObjectNotFoundError, match="no longer exists"):
+        composite.complete_multipart("c/k2", upload_id, [part])
+
+
+def test_composite_part_pinned_to_its_generation(composite: GCSStore) -> None:
+    """A part replaced after it was uploaded (another generation) is not composed silently."""
+    upload_id = composite.create_multipart("c/k3")
+    body = os.urandom(100)
+    part = composite.upload_part("c/k3", upload_id, 1, [body], crc32c=crc.crc32c(body))
+    other = os.urandom(100)
+    composite.upload_part("c/k3", upload_id, 1, [other], crc32c=crc.crc32c(other))
+    with pytest.raises(ObjectNotFoundError):
+        composite.complete_multipart("c/k3", upload_id, [part])
+    assert composite.head("c/k3") is None
+    composite.abort_multipart("c/k3", upload_id)
+
+
+def test_composite_part_number_range(composite: GCSStore) -> None:
+    upload_id = composite.create_multipart("c/k4")
+    with pytest.raises(TransferError, match="outside"):
+        composite.upload_part("c/k4", upload_id, 0, [b"x"], crc32c=crc.crc32c(b"x"))
+    composite.abort_multipart("c/k4", upload_id)
+
+
 # --------------------------------------------------------------------------- lifecycle
 def test_pickle_round_trip(emulator: GCSEmulator, bucket_name: str) -> None:
     client = gcs_client(emulator.endpoint)

@@ -13,8 +13,19 @@ import pytest
 
 from cloudckpt import crc
 from cloudckpt.errors import IntegrityError, ObjectNotFoundError, PreconditionFailedError, TransferError
+from tests.conftest import BACKENDS, make_backend
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture(params=[*BACKENDS, "fake-gcs"])
+def backend(request, tmp_path):
+    """Every backend of tests/conftest.py, plus GCS on fake-gcs-server.
+
+    fake-gcs-server has no XML API multipart upload, so there the GCS store's
+    multipart calls take the parallel composite upload path.
+    """
+    return make_backend(request.param, request, tmp_path)
 
 
 @pytest.fixture
@@ -90,13 +101,17 @@ def test_wrong_checksum_is_rejected_and_stores_nothing(backend, store, base):
             fast = S3Store("crc-check", endpoint_url=server.endpoint_url)
             _assert_bad_crc_refused(fast, "k/")
         return
-    _assert_bad_crc_refused(store, base)
+    _assert_bad_crc_refused(store, base, server_checks_put=backend.name != "fake-gcs")
 
 
-def _assert_bad_crc_refused(store, base):
+def _assert_bad_crc_refused(store, base, server_checks_put=True):
     with pytest.raises(IntegrityError):
         store.put(base + "bad", [b"payload"], crc32c=crc.crc32c(b"other"))
-    assert store.head(base + "bad") is None
+    if server_checks_put:
+        # fake-gcs-server stores the object whatever CRC32C the upload carries; the
+        # store notices from the CRC32C it reports back (the raise above), but
+        # the object exists. Parts (below) are removed by the store itself.
+        assert store.head(base + "bad") is None
     upload_id = store.create_multipart(base + "badpart")
     with pytest.raises(IntegrityError):
         store.upload_part(base + "badpart", upload_id, 1, [b"data"], crc32c=crc.crc32c(b"atad"))
@@ -129,7 +144,12 @@ def test_abort_frees_the_upload(store, base):
     store.abort_multipart(key, upload_id)  # aborting twice is not an error
 
 
-def test_conditional_complete_never_overwrites(store, base):
+def test_conditional_complete_never_overwrites(request, backend, store, base):
+    if backend.name == "fake-gcs":
+        # Runs, and must fail: it passes the day fake-gcs-server starts honouring it.
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="fake-gcs-server ignores ifGenerationMatch on compose (real GCS honours it), so "
+            "the composite upload's conditional completion overwrites there"))
     key = base + "guarded"
     body = os.urandom(1000)
     upload_id = store.create_multipart(key)

@@ -144,6 +144,24 @@ class UnsupportedAPIError(TransferError):
     """The storage endpoint lacks an API cloudckpt needs (e.g. fake-gcs-server has no XML multipart upload)."""
 
 
+class UnsupportedTransformError(CloudCheckpointError):
+    """An item was stored through a stream transform (``_StorageInfo.transform_descriptors``) this process cannot undo.
+
+    The bytes are not known to be corrupt: the transform is unknown to the
+    extension registry (or its module is not installed). Install what it needs
+    (``pip install cloudckpt[zstd]`` for ``stream.zstd``) or register the
+    extension with :func:`cloudckpt.transforms.register_extension`.
+    """
+
+
+class DecodedTooLargeError(IntegrityError):
+    """A transformed (e.g. compressed) item decodes to more bytes than it may: a decompression bomb, or corrupt data.
+
+    Decoding stops at the limit, so memory stays bounded; the limit is the
+    item's declared tensor size plus framing, or ``CLOUDCKPT_MAX_DECODED_BYTES``
+    for byte items.
+    """
+
 
 @contextlib.contextmanager
 def typed_errors(reader: Any = None) -> Iterator[None]:

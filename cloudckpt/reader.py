@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.futures import Future
 
-from cloudckpt import crc, layout, safe_pickle
+from cloudckpt import crc, layout, safe_pickle, transforms
 from cloudckpt.errors import (
     CheckpointNotFoundError,
     CloudCheckpointError,
@@ -222,7 +222,9 @@ class CloudStorageReader(StorageReader):
         for req, (info, key) in zip(plan.items, located):
             rel = info.relative_path
             facts = self._facts.get((rel, info.offset))
-            if req.type == LoadItemType.BYTE_IO or facts is None or facts.payload_offset is None:
+            # Transformed (e.g. compressed) items are fetched whole and decoded in _deliver.
+            if req.type == LoadItemType.BYTE_IO or facts is None or facts.payload_offset is None \
+                    or getattr(info, "transform_descriptors", None):
                 ranged[key].append((info.offset, info.offset + info.length, req, ("item", info, facts)))
                 continue
             # cloudckpt-written dense tensor: fetch only the payload bytes needed.
@@ -401,6 +403,9 @@ class CloudStorageReader(StorageReader):
                     "are corrupt; restore the object or load an earlier checkpoint"
                 )
             url = self.store.url(self.uri.key(info.relative_path))
+            if getattr(info, "transform_descriptors", None):  # stream transforms (cloudckpt.transforms)
+                data = transforms.decode_item(data, info.transform_descriptors, f"item {req.storage_index.fqn!r} in "
+                                              f"{url}", transforms.decoded_limit(self.metadata, req.storage_index))
             if req.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(req, self._byte_stream(data, req.storage_index.fqn, url))
                 return

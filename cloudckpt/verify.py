@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import re
 import struct
 import zipfile
@@ -39,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
-from cloudckpt import crc, layout, safe_pickle
+from cloudckpt import crc, layout, safe_pickle, transforms
 from cloudckpt.errors import (
     CheckpointNotFoundError,
     CloudCheckpointError,
@@ -49,6 +50,7 @@ from cloudckpt.errors import (
     UnsafeCheckpointItemError,
     UnsafeMetadataError,
     UnsafePathError,
+    UnsupportedTransformError,
 )
 from cloudckpt.manifest import Manifest, check_metadata_bytes, find_manifest
 from cloudckpt.safe_pickle import MAX_METADATA_BYTES, load_metadata
@@ -76,7 +78,10 @@ class VerifyReport:
     (state-dict key) where there is one, and what is wrong. ``notes`` are
     facts that are not problems (no manifest, unreferenced objects...).
     ``checksums_verified`` is False when the checkpoint has no cloudckpt
-    manifest, i.e. only its structure could be checked.
+    manifest, i.e. only its structure could be checked. ``unsupported`` lists
+    the items stored through a stream transform (``transform_descriptors``)
+    that this process cannot decode; they are problems (a load would fail),
+    not corruption.
     """
 
     uri: str
@@ -88,6 +93,9 @@ class VerifyReport:
     checksums_verified: bool = False
     deep: bool = True
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: Items stored through a stream transform this process cannot decode (also in ``problems``:
+    #: a load would fail). Not corruption: install or register the extension, see each message.
+    unsupported: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the report."""
@@ -216,6 +224,9 @@ class _Item:
     payload_offset: int | None     # relative to the item, from the manifest
     expected_payload_crc: int | None
     chunk: tuple[torch.dtype, list[int]] | None
+    descriptors: tuple[str, ...] = ()  # stream transforms (e.g. zstd): the stored bytes are encoded
+    decoded_limit: int = 0             # the most bytes the item may decode to
+    unsupported: bool = False          # a transform this process cannot decode (already reported)
     crc: int = 0
     payload_crc: int = 0
     checked: bool = False          # byte item already run through the restricted loader
@@ -229,7 +240,7 @@ class _Item:
     @functools.cached_property
     def payload_span(self) -> tuple[int, int] | None:
         """Absolute [start, end) of the tensor payload, when the manifest and metadata give it."""
-        if self.payload_offset is None or self.chunk is None:
+        if self.payload_offset is None or self.chunk is None or self.descriptors:
             return None
         numel = 1
         for s in self.chunk[1]:
@@ -278,6 +289,7 @@ class _Verifier:
         self.engine = TransferEngine(store, TransferOptions(max_concurrency=self.max_concurrency))
         self.problems: list[str] = []
         self.notes: list[str] = []
+        self.unsupported: list[str] = []
         self._byte_items: list[_Item] = []
         self.bytes_checked = 0
 
@@ -344,7 +356,8 @@ class _Verifier:
     def report(self, objects: int, items: int, *, checksums: bool) -> VerifyReport:
         return VerifyReport(uri=str(self.uri), ok=not self.problems, objects_checked=objects, items_checked=items,
                             bytes_checked=self.bytes_checked, problems=list(self.problems),
-                            checksums_verified=checksums, deep=self.deep, notes=list(self.notes))
+                            checksums_verified=checksums, deep=self.deep, notes=list(self.notes),
+                            unsupported=list(self.unsupported))
 
     def _manifest(self, meta_blob: bytes) -> Manifest | None:
         try:
@@ -417,6 +430,7 @@ class _Verifier:
                 payload_offset=None if row is None else row.payload_offset,
                 expected_payload_crc=None if row is None else row.payload_crc32c,
                 chunk=chunk)
+            self._transforms(item, info, idx, metadata)
             items_by_obj.setdefault(name, []).append(item)
             if kind == "bytes":
                 self._byte_items.append(item)
@@ -446,6 +460,20 @@ class _Verifier:
             objects.append(_Obj(name=name, key=self.uri.key(name), size=info.size, expected_size=exp_size,
                                 expected_crc=None if expected is None else expected.crc32c, items=items))
         return objects, n_items
+
+    def _transforms(self, it: _Item, info: Any, idx: MetadataIndex, metadata: Any) -> None:
+        """Note the item's stream transforms; report (once) those this process cannot decode."""
+        descriptors = getattr(info, "transform_descriptors", None)
+        if not descriptors:
+            return
+        it.descriptors = tuple(descriptors)
+        it.decoded_limit = transforms.decoded_limit(metadata, idx)
+        try:
+            transforms.check_supported(descriptors, f"item {it.label!r} in {self.url(it.obj)}")
+        except UnsupportedTransformError as exc:
+            it.unsupported = True
+            self.unsupported.append(str(exc))
+            self.problems.append(str(exc))
 
     def _unsafe_path(self, name: Any) -> str | None:
         """Why ``name`` does not resolve inside the checkpoint, or None if it does."""
@@ -511,7 +539,7 @@ class _Verifier:
                     plo, phi = max(lo, span[0]), min(hi, span[1])
                     if phi > plo:
                         it.payload_crc = crc.crc32c_extend(it.payload_crc, view[plo - start:phi - start])
-                if self.deep:
+                if self.deep and not it.descriptors:  # encoded bytes: parsed whole, after decoding
                     self._keep_windows(it, start, view, lo, hi)
                 if it.end <= end:
                     self._finish_item(it)
@@ -565,9 +593,31 @@ class _Verifier:
             return None
         buf = bytearray(it.length)
         self.store.get_range(self.uri.key(it.obj), it.start, memoryview(buf))
+        if it.descriptors:
+            return self._decode(it, buf)
         return buf
 
+    def _decode(self, it: _Item, stored: bytearray) -> bytearray | None:
+        """The item's record with its stream transforms undone (bounded), or None with the problem reported."""
+        if it.unsupported:
+            return None  # reported once, in _transforms
+        try:
+            decoded = transforms.decode_item(memoryview(stored), it.descriptors,
+                                             f"item {it.label!r} in {self.url(it.obj)}", it.decoded_limit)
+        except UnsupportedTransformError as exc:  # e.g. registered between the two looks
+            it.unsupported = True
+            self.unsupported.append(str(exc))
+            self.problems.append(str(exc))
+            return None
+        except IntegrityError as exc:  # includes DecodedTooLargeError
+            self.problems.append(str(exc))
+            return None
+        return decoded.obj if isinstance(decoded.obj, bytearray) else bytearray(decoded)
+
     def _parse(self, it: _Item) -> None:
+        if it.descriptors:
+            self._parse_decoded(it)
+            return
         if it.kind == "bytes":
             self._parse_bytes(it)
             if not it.checked:
@@ -575,14 +625,57 @@ class _Verifier:
         else:
             self._parse_tensor(it)
 
-    def _check_bytes(self, it: _Item) -> None:
-        """Run a byte item through the restricted loader, as a load would; nothing stored is executed."""
-        it.checked = True
+    def _parse_decoded(self, it: _Item) -> None:
+        """Parse a transformed (e.g. compressed) item: fetch it whole, decode it, check the record."""
+        if it.unsupported:
+            it.checked = True
+            return
+        if it.kind == "tensor" and it.decoded_limit > _FULL_FETCH_LIMIT:
+            # Decoding needs the whole record in memory; a load does that, verify stays bounded.
+            self.notes.append(f"{self.url(it.obj)}: item {it.label!r} not parsed (stream-transformed, and its "
+                              f"record may decode to {it.decoded_limit} bytes, more than verify decodes whole)")
+            return
+        whole = self._whole_or_report(it, "stream-transformed item")
+        if whole is None:
+            it.checked = True
+            return
+        if it.kind == "bytes":
+            self._check_bytes(it, whole)
+            return
+        if it.expected_payload_crc is not None and it.payload_offset is not None and it.chunk is not None:
+            # The manifest's payload offset and CRC are of the decoded record.
+            nbytes = torch.empty((), dtype=it.chunk[0]).element_size() * math.prod(it.chunk[1])
+            got = crc.crc32c(memoryview(whole)[it.payload_offset:it.payload_offset + nbytes])
+            if got != it.expected_payload_crc:
+                self.problem(it.obj, it.label, f"decoded tensor payload CRC32C {got:#010x} does not match the "
+                                               f"manifest's {it.expected_payload_crc:#010x}")
         try:
-            whole = self._fetch_whole(it, "byte item too large to check")
+            rec = _parse_record(io.BytesIO(whole), len(whole))  # type: ignore[arg-type]
+        except (zipfile.BadZipFile, struct.error, OSError, EOFError) as exc:
+            self.problem(it.obj, it.label, f"decoded bytes are not a readable torch.save record ({exc})")
+            return
+        except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind
+            self._load_tensor(it, f"{type(exc).__name__}: {exc}", whole)
+            return
+        if not rec.is_dense():
+            self._load_tensor(it, "record is not a dense tensor", whole)
+            return
+        self._check_tensor(it, rec.dtype, list(rec.size))
+
+    def _whole_or_report(self, it: _Item, why: str) -> bytearray | None:
+        try:
+            return self._fetch_whole(it, why)
         except CloudCheckpointError as exc:
             self.problem(it.obj, it.label, f"could not be read: {exc}")
-            return
+            return None
+
+    def _check_bytes(self, it: _Item, whole: bytearray | None = None) -> None:
+        """Run a byte item through the restricted loader, as a load would; nothing stored is executed."""
+        it.checked = True
+        if whole is None:
+            if it.unsupported:
+                return
+            whole = self._whole_or_report(it, "byte item too large to check")
         if whole is None:
             return
         try:
@@ -637,8 +730,9 @@ class _Verifier:
             return
         self._check_tensor(it, rec.dtype, list(rec.size))
 
-    def _load_tensor(self, it: _Item, why: str) -> None:
-        whole = self._fetch_whole(it, why)
+    def _load_tensor(self, it: _Item, why: str, whole: bytearray | None = None) -> None:
+        if whole is None:
+            whole = self._fetch_whole(it, why)
         if whole is None:
             return
         try:

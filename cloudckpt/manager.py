@@ -356,6 +356,10 @@ class CheckpointManager:
             does). Leave a few seconds of the platform's grace period for exiting.
         preemption_margin: how many steps after the step at which a rank saw
             the notice every rank stops (see :class:`~cloudckpt.preemption.StepAgreement`).
+        incremental: every save uses the newest committed step as its base: items
+            whose bytes it already holds are copied inside the store, not uploaded
+            (see :mod:`cloudckpt.incremental`); each checkpoint stays complete on
+            its own. ``frozen_keys=`` names items to copy without staging them.
         **writer_options: routed by the table in :mod:`cloudckpt.options`:
             writer options (``part_size``, ``overwrite``, ``prefix_strategy``, ...)
             go to the writer, reader options (``verify``, ``allow_pickle``, ...)
@@ -387,9 +391,12 @@ class CheckpointManager:
         preemption_signals: Iterable[int] = (signal.SIGTERM,),
         preemption_grace: float = 25.0,
         preemption_margin: int = 1,
+        incremental: bool = False,
         **writer_options: Any,
     ) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
+        #: Incremental saves: each save copies, inside the store, what the newest committed step already holds.
+        self.incremental = bool(incremental)
         self.root = parse_uri(root_uri)
         self.executor = executor
         self.process_group = process_group
@@ -445,6 +452,9 @@ class CheckpointManager:
         uri = self.checkpoint_uri(step)
         writer = _MANAGED_WRITERS[self.root.scheme](uri, **self.writer_options)
         writer.retention = _RetentionJob(str(self.root), self.policy, step) if self.policy.active else None
+        if self.incremental:
+            # The coordinator picks the base when the save runs (after earlier saves committed).
+            writer._base_from_root = (str(self.root), step)
         return writer
 
     # -- queries -------------------------------------------------------------------------------

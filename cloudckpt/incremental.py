@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -58,6 +59,7 @@ MiB = 1024 * 1024
 COPY_PART_SIZE = 512 * MiB
 #: A range copy of fewer bytes is not worth its request: those items are uploaded.
 MIN_COPY_BYTES = 256 * 1024
+_MULTIPART_ETAG = re.compile(r'-\d+"?$')
 #: HEAD requests in flight while verifying a base.
 _VERIFY_THREADS = 16
 
@@ -195,7 +197,10 @@ def _head_all(store: ObjectStore, uri: StorageURI, names: Sequence[str],
             raise BaseRejected(f"{store.url(key)} is missing")
         if info.size != size:
             raise BaseRejected(f"{store.url(key)} has {info.size} bytes, its manifest records {size}")
-        if info.crc32c is not None and info.crc32c != c:
+        # A multipart object's checksum may be composite (a CRC of the parts' CRCs; some
+        # servers omit the "-N" that says so): only a single-part object's is compared.
+        composite = info.etag is not None and _MULTIPART_ETAG.search(info.etag) is not None
+        if info.crc32c is not None and not composite and info.crc32c != c:
             raise BaseRejected(f"{store.url(key)} has CRC32C {info.crc32c:#010x}, its manifest records {c:#010x}")
         return name, (size, c, store.copy_tag(info))
 

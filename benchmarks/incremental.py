@@ -125,7 +125,7 @@ def run(frozen_mib: int, trainable_mib: int, runs: int) -> dict[str, Any]:
                               for k in ("wall_s", "client_cpu_s", "bytes_sent", "requests", "copied_bytes",
                                         "uploaded_bytes")}
     base_row = out["kinds"]["full"]
-    for kind, row in out["kinds"].items():
+    for row in out["kinds"].values():
         row["bytes_vs_full"] = row["bytes_sent"] / base_row["bytes_sent"]
         row["cpu_vs_full"] = row["client_cpu_s"] / base_row["client_cpu_s"]
         row["wall_vs_full"] = row["wall_s"] / base_row["wall_s"]

@@ -221,7 +221,7 @@ class FrozenKeys:
     which the process executor needs.
     """
 
-    def __init__(self, keys: "Iterable[str] | Callable[[str], bool] | str") -> None:
+    def __init__(self, keys: Iterable[str] | Callable[[str], bool] | str) -> None:
         if callable(keys):
             self.predicate: Callable[[str], bool] | None = keys
             self.names: frozenset[str] = frozenset()

@@ -49,8 +49,14 @@ from cloudckpt._version import __version__
 from cloudckpt.errors import CheckpointExistsError, CloudCheckpointError, InvalidURIError, PreconditionFailedError
 from cloudckpt.manifest import build_manifest, seal_manifest
 from cloudckpt.store import ObjectStore, open_store
-from cloudckpt.transfer import CopyOutcome, ObjectUpload, TransferEngine, TransferOptions, UploadedObject, \
-    default_world_size
+from cloudckpt.transfer import (
+    CopyOutcome,
+    ObjectUpload,
+    TransferEngine,
+    TransferOptions,
+    UploadedObject,
+    default_world_size,
+)
 from cloudckpt.uri import StorageURI, parse_uri, relative_key
 
 __all__ = ["CloudStorageWriter", "S3StorageWriter", "GCSStorageWriter", "LocalStorageWriter", "ItemWriteInfo",

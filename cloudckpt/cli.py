@@ -315,6 +315,14 @@ def cmd_ls(args: argparse.Namespace, out: _Out) -> int:
 # -- info -----------------------------------------------------------------------------------
 
 
+def _transfer_line(info: Any) -> list[str]:
+    """How the save sent its bytes: uploaded vs copied inside the store (incremental saves)."""
+    if info.uploaded_bytes is None and info.copied_bytes is None:
+        return []
+    line = f"transfer    {_human(info.uploaded_bytes or 0)} uploaded, {_human(info.copied_bytes or 0)} copied in the store"
+    return [line + (f" from {info.base}" if info.base else " (full save)")]
+
+
 def cmd_info(args: argparse.Namespace, out: _Out) -> int:
     """Describe a checkpoint: ranks, tensors, dtypes, shapes, bytes, creation time, writer."""
     from cloudckpt import ops
@@ -333,6 +341,7 @@ def cmd_info(args: argparse.Namespace, out: _Out) -> int:
         f"objects     {info.objects} ({_human(info.stored_bytes)} stored)",
         f"tensors     {info.tensors} ({_human(info.tensor_bytes)}), byte items {info.byte_items}",
         f"checksums   {'CRC32C manifest present' if info.checksums else 'none (no manifest)'}",
+        *_transfer_line(info),
     ]
     if info.missing:
         lines.append(f"MISSING     {len(info.missing)} referenced object(s), e.g. {info.missing[0]}: "

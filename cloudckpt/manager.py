@@ -366,6 +366,10 @@ class CheckpointManager:
             in the background; ``keep_local`` steps stay in the local tier;
             ``load`` restores the freshest step complete in any tier and sets
             ``last_load_tier``.
+        incremental: every save uses the newest committed step as its base: items
+            whose bytes it already holds are copied inside the store, not uploaded
+            (see :mod:`cloudckpt.incremental`); each checkpoint stays complete on
+            its own. ``frozen_keys=`` names items to copy without staging them.
         **writer_options: routed by the table in :mod:`cloudckpt.options`:
             writer options (``part_size``, ``overwrite``, ``prefix_strategy``, ...)
             go to the writer, reader options (``verify``, ``allow_pickle``, ...)
@@ -402,9 +406,12 @@ class CheckpointManager:
         persist_every: int | None = None,
         keep_local: int = 2,
         replicas: int = 1,
+        incremental: bool = False,
         **writer_options: Any,
     ) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
+        #: Incremental saves: each save copies, inside the store, what the newest committed step already holds.
+        self.incremental = bool(incremental)
         self.root = parse_uri(root_uri)
         self.executor = executor
         self.process_group = process_group
@@ -469,6 +476,9 @@ class CheckpointManager:
         uri = self.checkpoint_uri(step)
         writer = _MANAGED_WRITERS[self.root.scheme](uri, **self.writer_options)
         writer.retention = _RetentionJob(str(self.root), self.policy, step) if self.policy.active else None  # type: ignore[attr-defined]
+        if self.incremental:
+            # The coordinator picks the base when the save runs (after earlier saves committed).
+            writer._base_from_root = (str(self.root), step)
         return writer
 
     # -- queries -------------------------------------------------------------------------------

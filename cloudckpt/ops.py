@@ -343,6 +343,12 @@ class CheckpointInfo:
     items: tuple[ItemInfo, ...]
     #: Referenced objects that are absent or too short (the checkpoint cannot be loaded).
     missing: tuple[str, ...]
+    #: Item bytes the save sent from the client (None: the manifest does not say).
+    uploaded_bytes: int | None = None
+    #: Item bytes the save copied inside the store from its base checkpoint (incremental saves).
+    copied_bytes: int | None = None
+    #: The base checkpoint those bytes were copied from (None: a full save).
+    base: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -408,7 +414,22 @@ def checkpoint_info(store: ObjectStore, uri: StorageURI) -> CheckpointInfo:
         checksums=manifest is not None,
         items=tuple(items),
         missing=tuple(objs.missing(listing)),
+        **_transfer_facts(doc),
     )
+
+
+def _transfer_facts(doc: dict[str, Any]) -> dict[str, Any]:
+    """Uploaded vs copied bytes and the base, from the manifest's ``transfer`` record (untrusted: checked)."""
+    rec = doc.get("transfer")
+    if not isinstance(rec, dict):
+        return {}
+
+    def count(value: Any) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    base = rec.get("base")
+    return {"uploaded_bytes": count(rec.get("uploaded_bytes")), "copied_bytes": count(rec.get("copied_bytes")),
+            "base": base[:1024] if isinstance(base, str) else None}
 
 
 # -- copy ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ OPTIONS: Mapping[str, frozenset[str]] = MappingProxyType({
     "part_size": _W,
     "target_object_size": _W,
     "prefix_strategy": _W,
+    "frozen_keys": _W,  # incremental saves: items copied from the base without being staged
     # reader (cloudckpt.reader.CloudStorageReader)
     "read_gap_threshold": _R,
     "verify": _R,

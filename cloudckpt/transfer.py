@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from cloudckpt import crc, retry
-from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, TransferError
+from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, EndpointUnreachableError, TransferError
 from cloudckpt.retry import AdaptiveLimiter, RetryScope, RetryStats
 from cloudckpt.store.base import Buffer, ObjectStore, PartResult
 
@@ -44,6 +44,9 @@ __all__ = [
     "default_world_size",
     "ObjectUpload",
     "UploadedObject",
+    "CopyRun",
+    "ObjectCopy",
+    "CopyOutcome",
     "TransferEngine",
     "plan_part_size",
     "coalesce_ranges",
@@ -204,6 +207,71 @@ class UploadedObject:
         return total
 
 
+@dataclass(frozen=True)
+class CopyRun:
+    """Bytes ``[start, end)`` of the object ``src_key``, copied server side as one request.
+
+    ``crc32c`` is what those bytes must checksum to (the base checkpoint's
+    manifest says so); ``src_tag`` is the source version that was verified
+    (:meth:`~cloudckpt.store.base.ObjectStore.copy_tag`): if the source changed
+    since, the copy is refused.
+    """
+
+    src_key: str
+    start: int
+    end: int
+    crc32c: int
+    src_tag: str | None = None
+    src_size: int = -1
+
+    @property
+    def size(self) -> int:
+        """Bytes in the run."""
+        return self.end - self.start
+
+
+@dataclass
+class ObjectCopy:
+    """An object made of runs of existing objects, back to back, copied inside the store.
+
+    One run covering its whole source object is a single whole-object copy
+    (S3 CopyObject, GCS rewrite, local copy_file_range); anything else is a
+    multipart upload of ``UploadPartCopy`` parts, one per run, so every run but
+    the last must hold at least the store's ``min_part_size`` bytes.
+    """
+
+    key: str
+    runs: Sequence[CopyRun]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the new object."""
+        return sum(r.size for r in self.runs)
+
+    @property
+    def crc32c(self) -> int:
+        """CRC32C of the new object, combined from the runs'."""
+        return crc.combine_all((r.crc32c, r.size) for r in self.runs)
+
+    @property
+    def whole(self) -> bool:
+        """True when the object is one complete source object."""
+        return len(self.runs) == 1 and self.runs[0].start == 0 and self.runs[0].end == self.runs[0].src_size
+
+
+@dataclass
+class CopyOutcome:
+    """What :meth:`TransferEngine.copy` did: objects made, and copies that fell back (key -> why)."""
+
+    done: list[UploadedObject] = field(default_factory=list)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes the store copied for the objects made."""
+        return sum(o.size for o in self.done)
+
+
 def _slice_segments(segments: Sequence[Buffer], starts: list[int], begin: int, end: int) -> list[tuple[int, memoryview]]:
     """Zero-copy pieces covering ``[begin, end)``: (object offset, memoryview)."""
     import bisect
@@ -352,6 +420,8 @@ class _UploadCoordinator:
         self.completed: list[str] = []
         #: Keys uploaded in parts: any incomplete upload of them is this upload's.
         self.multipart_keys: list[str] = []
+        #: Copies that fell back (key -> why): their items are uploaded instead.
+        self.failed_copies: dict[str, BaseException] = {}
 
     def guarded(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` as a task: skipped once any task failed, run in the upload's retry scope, failure recorded."""
@@ -406,6 +476,63 @@ class _UploadCoordinator:
         with self._lock:
             self.uploads.pop(key, None)
             self.completed.append(key)
+
+    # -- copies ---------------------------------------------------------------------
+    def soft(self, key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as a copy task of object ``key``: a copy that cannot be made falls back, it does not fail.
+
+        A missing, changed or corrupt source, or a store that refuses the copy,
+        marks ``key`` failed (its items are uploaded instead); a deadline or a
+        cancelled save still fails everything.
+        """
+        def run(*args: Any) -> Any:
+            if self.failure.is_set():
+                return None
+            with self._lock:
+                if key in self.failed_copies:
+                    return None
+            try:
+                with retry.use_scope(self.scope):
+                    return fn(*args)
+            except (DeadlineExceededError, EndpointUnreachableError) as exc:
+                self.failure.set(exc)
+                raise
+            except CloudCheckpointError as exc:
+                with self._lock:
+                    self.failed_copies.setdefault(key, exc)
+                return None
+            except BaseException as exc:
+                self.failure.set(exc)
+                raise
+        return run
+
+    def copy_whole(self, obj: ObjectCopy) -> int:
+        """One whole-object server-side copy; returns the new object's CRC32C."""
+        run = obj.runs[0]
+        self.store.copy_object(run.src_key, obj.key, if_match=run.src_tag, crc32c=run.crc32c)
+        with self._lock:
+            self.completed.append(obj.key)
+        return run.crc32c
+
+    def copy_part(self, obj: ObjectCopy, upload_id: str, number: int, run: CopyRun) -> PartResult:
+        """Part ``number`` of a multipart copy: one run, copied server side."""
+        return self.store.upload_part_copy(obj.key, upload_id, number, run.src_key, run.start, run.end,
+                                           crc32c=run.crc32c, if_match=run.src_tag)
+
+    def drop_copy(self, key: str) -> None:
+        """Abort or delete what a copy that fell back left behind (best effort)."""
+        with self._lock:
+            upload_id = self.uploads.pop(key, None)
+            done = key in self.completed
+            if done:
+                self.completed.remove(key)
+        try:
+            if upload_id is not None:
+                self.store.abort_multipart(key, upload_id)
+            if done:
+                self.store.delete(key)
+        except CloudCheckpointError:
+            pass
 
     def cleanup(self, timeout: float) -> None:
         """After a failure: abort every upload started here, delete every object completed here.
@@ -626,6 +753,90 @@ class TransferEngine:
                     f"{self.options.save_deadline:g} s; nothing was committed. Check the storage service's "
                     "health, or raise TransferOptions.save_deadline if the save needs longer"))
                 return None
+
+    # -- server-side copies ------------------------------------------------------
+    def copy(self, objects: Sequence[ObjectCopy], *, deadline: float | None = None) -> CopyOutcome:
+        """Make every object from runs of existing ones, inside the store; no payload passes the client.
+
+        A copy whose source is missing, changed or does not hold the recorded
+        bytes does not fail the call: it is cleaned up and reported in
+        :attr:`CopyOutcome.failed`, and the caller uploads those bytes instead.
+        Transient errors are retried like uploads. A deadline, an unreachable
+        endpoint or any other error fails the call: every copy made here is
+        then removed and the error raised.
+        """
+        outcome = CopyOutcome()
+        if not objects:
+            return outcome
+        if deadline is None and self.options.save_deadline is not None:
+            deadline = time.monotonic() + self.options.save_deadline
+        failure = _Failure()
+        coord = _UploadCoordinator(self.store, self._scope(failure, deadline, self.pacing), failure, None)
+        pool = _Pool(self.options.max_concurrency, "cloudckpt-copy")
+        try:
+            crcs = self._run_copies(objects, coord, pool, deadline)
+        except BaseException as exc:
+            failure.set(exc)
+            pool.shutdown(wait=True, cancel_futures=True)
+            coord.cleanup(self.options.cleanup_timeout)
+            first = failure.error
+            if first is None or first is exc or not isinstance(exc, Exception):
+                raise
+            raise first from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for obj in objects:
+            if obj.key in coord.failed_copies:
+                coord.drop_copy(obj.key)
+                outcome.failed[obj.key] = coord.failed_copies[obj.key]
+            else:
+                pieces, pos = [], 0
+                for r in obj.runs:
+                    pieces.append((pos, r.size, r.crc32c))
+                    pos += r.size
+                outcome.done.append(UploadedObject(obj.key, obj.size, crcs[obj.key], tuple(pieces)))
+        return outcome
+
+    def _run_copies(self, objects: Sequence[ObjectCopy], coord: "_UploadCoordinator", pool: _Pool,
+                    deadline: float | None) -> dict[str, int]:
+        """Submit every copy task, wait for them; ``{key: CRC32C}`` of the copies that did not fall back."""
+        failure = coord.failure
+        whole: list[tuple[ObjectCopy, Future]] = []
+        started: list[tuple[ObjectCopy, Future]] = []
+        for obj in objects:
+            if obj.whole and obj.size <= self.store.max_copy_object_size:
+                whole.append((obj, pool.submit(coord.soft(obj.key, coord.copy_whole), obj)))
+            else:
+                coord.multipart_keys.append(obj.key)
+                started.append((obj, pool.submit(coord.soft(obj.key, coord.start_multipart), obj)))
+        parts: list[tuple[ObjectCopy, str, list[Future]]] = []
+        for obj, fut in started:
+            upload_id = self._result(fut, failure, deadline)
+            if failure.is_set():
+                break
+            if upload_id is None:
+                continue  # fell back
+            parts.append((obj, upload_id, [pool.submit(coord.soft(obj.key, coord.copy_part), obj, upload_id, i + 1, r)
+                                           for i, r in enumerate(obj.runs)]))
+        out: dict[str, int] = {}
+        completes: list[Future] = []
+        for obj, upload_id, futs in parts:
+            results = [self._result(f, failure, deadline) for f in futs]
+            if failure.is_set():
+                break
+            if any(r is None for r in results):
+                continue
+            completes.append(pool.submit(coord.soft(obj.key, coord.complete), obj.key, upload_id, results))
+            out[obj.key] = crc.combine_all((p.crc32c, p.size) for p in results)
+        for fut in completes:
+            self._result(fut, failure, deadline)
+        for obj, fut in whole:
+            c = self._result(fut, failure, deadline)
+            if c is not None:
+                out[obj.key] = c
+        if failure.is_set():
+            raise failure.error or TransferError("copy aborted")
+        return out
 
     # -- downloads --------------------------------------------------------------
     def download_ranges(

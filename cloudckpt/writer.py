@@ -33,6 +33,7 @@ import os
 import pickle
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -43,13 +44,20 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from cloudckpt import crc, layout, retry, safe_pickle
+from cloudckpt import crc, incremental, layout, retry, safe_pickle
 from cloudckpt._version import __version__
 from cloudckpt.errors import CheckpointExistsError, CloudCheckpointError, InvalidURIError, PreconditionFailedError
 from cloudckpt.manifest import build_manifest, seal_manifest
 from cloudckpt.store import ObjectStore, open_store
-from cloudckpt.transfer import ObjectUpload, TransferEngine, TransferOptions, default_world_size
-from cloudckpt.uri import StorageURI, parse_uri
+from cloudckpt.transfer import (
+    CopyOutcome,
+    ObjectUpload,
+    TransferEngine,
+    TransferOptions,
+    UploadedObject,
+    default_world_size,
+)
+from cloudckpt.uri import StorageURI, parse_uri, relative_key
 
 __all__ = ["CloudStorageWriter", "S3StorageWriter", "GCSStorageWriter", "LocalStorageWriter", "ItemWriteInfo",
            "writer_for", "commit_metadata"]
@@ -62,6 +70,8 @@ class _CloudStoragePrefix(_StoragePrefix):
     """``_StoragePrefix`` plus the world size, which sets each rank's share of the request rate."""
 
     world_size: int = 1
+    #: The base facts of this rank's items (incremental saves), or None.
+    base: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +102,8 @@ class ItemWriteInfo:
     payload_crc32c: int | None
     object_size: int
     object_crc32c: int
+    #: True when the item's bytes were copied inside the store from the base checkpoint.
+    copied: bool = False
 
 
 class CloudStorageWriter(StorageWriter):
@@ -109,9 +121,24 @@ class CloudStorageWriter(StorageWriter):
         target_object_size: int | None = None,
         transfer_options: TransferOptions | None = None,
         prefix_strategy: "str | int" = "none",
+        base_checkpoint_id: "str | os.PathLike[str] | None" = None,
+        frozen_keys: "Iterable[str] | Callable[[str], bool] | None" = None,
         **store_options: Any,
     ) -> None:
         super().__init__()
+        #: Incremental saves: the committed checkpoint whose unchanged items are copied
+        #: server side instead of uploaded (verified first; see cloudckpt.incremental).
+        self.base_checkpoint_id = None if base_checkpoint_id is None else str(base_checkpoint_id)
+        #: Items named here (fqns, dotted prefixes, or a predicate) are copied from the base
+        #: without being staged or checksummed; they are also kept in objects of their own.
+        self.frozen_keys = None if frozen_keys is None else incremental.FrozenKeys(frozen_keys)
+        # Set by CheckpointManager(incremental=True): (root, step); the coordinator picks the
+        # newest committed step under root other than step as the base, at save time.
+        self._base_from_root: tuple[str, int] | None = None
+        # What the coordinator decided about the base of the current save (for the manifest).
+        self._base_summary: dict[str, Any] = {}
+        #: This rank's latest save: bytes and items copied in the store vs uploaded.
+        self.last_incremental: dict[str, Any] | None = None
         layout.check_prefix_strategy(prefix_strategy)
         #: How data objects are spread over key prefixes (see :func:`cloudckpt.layout.rank_prefix`, docs/scale.md).
         self.prefix_strategy = prefix_strategy
@@ -277,9 +304,41 @@ class CloudStorageWriter(StorageWriter):
         # Without collectives each rank plans alone: its own rank names its objects.
         alone = len(plans) == 1 and not self.use_collectives
         world = default_world_size() if alone else len(plans)
+        base = self._open_base()
         return [dataclasses.replace(p, storage_data=_CloudStoragePrefix(
-            layout.rank_prefix((self.rank or 0) if alone else i, self.prefix_strategy), world_size=world))
+            layout.rank_prefix((self.rank or 0) if alone else i, self.prefix_strategy), world_size=world,
+            base=None if base is None else base.slice_for(p.items)))
             for i, p in enumerate(plans)]
+
+    def _base_id(self) -> str | None:
+        """The base checkpoint of this save: the explicit one, or the manager's newest committed step."""
+        if self.base_checkpoint_id is not None:
+            return self.base_checkpoint_id
+        if self._base_from_root is None:
+            return None
+        from cloudckpt.manager import committed_steps
+
+        root, step = self._base_from_root
+        root_uri = parse_uri(root)
+        found = committed_steps(self.store, root_uri)
+        older = [s for s in found if s < step] or [s for s in found if s != step]
+        return str(found[max(older)]) if older else None
+
+    def _open_base(self) -> "incremental.BaseCheckpoint | None":
+        """Coordinator: open and verify the base; None (and a warning) if there is none or it is unusable."""
+        self._base_summary = {}
+        base_id = self._base_id()
+        if base_id is None:
+            return None
+        try:
+            base = incremental.open_base(self.store, self._require_uri(), base_id)
+        except incremental.BaseRejected as exc:
+            log.warning("cloudckpt: not using %s as the base of %s, every item is uploaded: %s",
+                        base_id, self.uri, exc)
+            self._base_summary = {"base_rejected": str(exc)}
+            return None
+        self._base_summary = {"base": str(base.uri), "base_save_id": base.save_id}
+        return base
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Upload this rank's items; the returned future is complete (or failed) on return."""
@@ -294,18 +353,92 @@ class CloudStorageWriter(StorageWriter):
         uri = self._require_uri()
         prefix = plan.storage_data.prefix if isinstance(plan.storage_data, _StoragePrefix) else \
             layout.rank_prefix(self.rank or 0, self.prefix_strategy)
+        base = getattr(plan.storage_data, "base", None)
+        base = base if isinstance(base, incremental.BaseSlice) else None
+        # Items to upload, in two classes kept in separate objects: "changed" (new or
+        # different from the base) and "stable" (frozen, or unchanged but not copyable),
+        # so the next incremental save finds whole unchanged objects.
+        changed: list[layout.FramedItem] = []
+        stable: list[layout.FramedItem] = []
+        candidates: list[tuple[Any, incremental.BaseItem]] = []  # unchanged: copy from the base
+        framed: dict[Any, layout.FramedItem] = {}
         with layout.crc_disabled():
-            framed = []
             for item in plan.items:
-                data = planner.resolve_data(item)
-                if item.type == WriteItemType.BYTE_IO:
-                    framed.append(layout.frame_bytes(item.index, data.getbuffer()))
-                else:
-                    framed.append(layout.frame_tensor(item.index, data))
-        groups = self._group_into_objects(framed)
+                bi = base.items.get(item.index) if base is not None else None
+                frozen = self.frozen_keys is not None and item.type != WriteItemType.BYTE_IO \
+                    and self.frozen_keys(item.index.fqn)
+                if bi is not None and frozen and bi.compatible:
+                    candidates.append((item.index, bi))  # the base manifest's CRC vouches: not staged
+                    continue
+                fi = self._frame(item, planner)
+                if bi is not None and fi.size == bi.length and _item_crc32c(fi) == bi.crc32c:
+                    framed[item.index] = fi
+                    candidates.append((item.index, bi))
+                    continue
+                (stable if frozen else changed).append(fi)
+        world = getattr(plan.storage_data, "world_size", None) or default_world_size()
+        engine = TransferEngine(self.store, self.transfer_options, world_size=world)
+        copies: list[Any] = []
+        placements: list[incremental.CopyPlacement] = []
+        outcome = CopyOutcome()
+        if candidates and base is not None:
+            copies, placements, fallback = incremental.plan_copies(
+                candidates, base, self.store, lambda n: uri.key(layout.data_object_name(prefix, n, self.save_token)))
+            try:
+                outcome = engine.copy(copies, deadline=self._save_deadline())
+            finally:
+                self.last_transfer_stats = engine.stats.as_dict()
+            for key, why in outcome.failed.items():
+                log.warning("cloudckpt: server-side copy to %s failed (%s); uploading its items instead",
+                            self.store.url(key), why)
+            failed = {n for n, c in enumerate(copies) if c.key in outcome.failed}
+            fallback += [(p.index, p.base) for p in placements if p.copy in failed]
+            placements = [p for p in placements if p.copy not in failed]
+            if fallback:
+                by_index = {item.index: item for item in plan.items}
+                with layout.crc_disabled():
+                    for index, _ in fallback:
+                        stable.append(framed.get(index) or self._frame(by_index[index], planner))
+        framed.clear()
+        try:
+            results = self._upload_items(uri, prefix, len(copies), changed, stable, engine)
+        except BaseException:
+            self._discard([relative_key(uri, o.key) for o in outcome.done])
+            raise
+        done = {o.key: o for o in outcome.done}
+        for p in placements:
+            obj = done[copies[p.copy].key]
+            name = relative_key(uri, obj.key)
+            info = ItemWriteInfo(
+                storage=_StorageInfo(relative_path=name, offset=p.offset, length=p.base.length),
+                crc32c=p.base.crc32c, payload_offset=p.base.payload_offset, payload_crc32c=p.base.payload_crc32c,
+                object_size=obj.size, object_crc32c=obj.crc32c, copied=True)
+            results.append(WriteResult(index=p.index, size_in_bytes=p.base.length, storage_data=info))
+        copied = sum(p.base.length for p in placements)
+        self.last_incremental = {
+            "base": None if base is None else base.uri,
+            "copied_bytes": copied, "copied_items": len(placements), "copy_objects": len(outcome.done),
+            "uploaded_bytes": sum(wr.size_in_bytes for wr in results) - copied,
+            "uploaded_items": len(results) - len(placements), "copy_fallbacks": len(outcome.failed),
+        }
+        return results
+
+    def _frame(self, item: Any, planner: SavePlanner) -> layout.FramedItem:
+        """Stage one item for upload: its torch.save framing around a zero-copy payload view."""
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            return layout.frame_bytes(item.index, data.getbuffer())
+        return layout.frame_tensor(item.index, data)
+
+    def _upload_items(self, uri: StorageURI, prefix: str, first: int, changed: list[layout.FramedItem],
+                      stable: list[layout.FramedItem], engine: TransferEngine) -> list[WriteResult]:
+        """Upload the items (changed and stable ones in separate objects, numbered from ``first``)."""
+        groups = [g for cls in (changed, stable) if cls for g in self._group_into_objects(cls)]
+        if not groups and first == 0:
+            groups = [[]]  # a rank without items still writes its (empty) object, as before
         uploads = []
         placements = []  # (item, object name, offset)
-        for n, group in enumerate(groups):
+        for n, group in enumerate(groups, start=first):
             name = layout.data_object_name(prefix, n, self.save_token)
             segments: list[Any] = []
             offset = 0
@@ -314,13 +447,13 @@ class CloudStorageWriter(StorageWriter):
                 segments.extend(fi.segments)
                 offset += fi.size
             uploads.append(ObjectUpload(uri.key(name), segments, offset))
-        world = getattr(plan.storage_data, "world_size", None) or default_world_size()
-        engine = TransferEngine(self.store, self.transfer_options, world_size=world)
-        try:
-            done = {u.key: u for u in engine.upload(uploads, deadline=self._save_deadline())}
-        finally:
-            self.last_pacing = engine.pacing
-            self.last_transfer_stats = engine.stats.as_dict()
+        done: dict[str, UploadedObject] = {}
+        if uploads:
+            try:
+                done = {u.key: u for u in engine.upload(uploads, deadline=self._save_deadline())}
+            finally:
+                self.last_pacing = engine.pacing
+                self.last_transfer_stats = engine.stats.as_dict()
         results = []
         for fi, name, offset in placements:
             obj = done[uri.key(name)]
@@ -366,10 +499,15 @@ class CloudStorageWriter(StorageWriter):
         storage_data = {}
         objects: dict[str, dict[str, int]] = {}
         items: dict[str, list[list[int | None]]] = {}
+        copied = uploaded = 0
         for rank_results in results:
             for wr in rank_results:
                 info = wr.storage_data
                 if isinstance(info, ItemWriteInfo):
+                    if info.copied:
+                        copied += info.storage.length
+                    else:
+                        uploaded += info.storage.length
                     storage_data[wr.index] = info.storage
                     name = info.storage.relative_path
                     objects[name] = {"size": info.object_size, "crc32c": info.object_crc32c}
@@ -387,7 +525,8 @@ class CloudStorageWriter(StorageWriter):
         meta_blob = buf.getvalue()
         manifest = build_manifest(
             metadata_crc32c=crc.crc32c(meta_blob), writer=f"cloudckpt {__version__}", torch_version=torch.__version__,
-            save_id=self.save_id, world_size=len(results), objects=objects, items=items)
+            save_id=self.save_id, world_size=len(results), objects=objects, items=items,
+            extra={"transfer": {"uploaded_bytes": uploaded, "copied_bytes": copied, **self._base_summary}})
         rank = None if self.metadata_name() == layout.METADATA_NAME else self.rank
         manifest_name = layout.manifest_name(self.save_id, rank)
         self._known_tokens |= {t for t in (_token_of(n) for n in objects) if t is not None}
@@ -456,6 +595,14 @@ class CloudStorageWriter(StorageWriter):
                 self.store.delete_many([uri.key(n) for n in names])
             except Exception as exc:  # noqa: BLE001 - leftovers are found by gc; the original error matters
                 log.warning("could not delete %d object(s) of %s: %s", len(names), uri, exc)
+
+
+def _item_crc32c(fi: layout.FramedItem) -> int:
+    """CRC32C of a framed item's bytes (its segments back to back), computed without joining them."""
+    value = 0
+    for seg in fi.segments:
+        value = crc.crc32c_extend(value, seg)
+    return value
 
 
 def _token_of(name: str) -> str | None:

@@ -207,6 +207,16 @@ class _Blob:
         self.refs = 0
 
 
+def _trimmed(blob: _Blob) -> Iterable[memoryview]:
+    """The blob's pieces cut to its size (the last slab may be longer)."""
+    left = blob.size
+    for piece in blob.pieces:
+        if left <= 0:
+            return
+        yield piece[: min(len(piece), left)]
+        left -= len(piece)
+
+
 class _Crc32c:
     """Incremental CRC32C over memoryviews (4-byte big-endian digest)."""
 
@@ -1367,11 +1377,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise S3Error(404, "NoSuchKey", "The specified key does not exist.", Key=key)
         return obj
 
+    def _check_copy_source(self, src: _Object) -> None:
+        """x-amz-copy-source-if-match / -if-none-match: 412 when the source is not the expected version."""
+        etag = _unquote_etag(src.etag)
+        im = self._header("x-amz-copy-source-if-match")
+        inm = self._header("x-amz-copy-source-if-none-match")
+        if (im is not None and _unquote_etag(im) not in ("*", etag)) or (
+                inm is not None and _unquote_etag(inm) in ("*", etag)):
+            raise S3Error(412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold",
+                          Condition="x-amz-copy-source-If-Match" if im is not None else
+                          "x-amz-copy-source-If-None-Match")
+
     def _copy_object(self, bucket: str, key: str) -> None:
         backend = self.server.backend
         sb, sk = self._copy_source()
         with backend.lock:
             src = self._lookup(sb, sk)
+            self._check_copy_source(src)
             backend.bucket(bucket)
             if self._header("x-amz-metadata-directive") == "REPLACE":
                 template = self._object_template()
@@ -1666,6 +1688,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             blob = self._copy_part_blob()
             checksums: dict[str, str] = {}
             crc = 0
+            with backend.lock:
+                algo = self._upload(bucket, key, upload_id).algorithm
+            hasher = _hasher(f"x-amz-checksum-{algo.lower()}") if algo else None
+            if hasher is not None:
+                # As S3 does for uploads started with a checksum algorithm: the copied part's checksum.
+                checksums[f"x-amz-checksum-{algo.lower()}"] = base64.b64encode(
+                    _digest_pieces(hasher, _trimmed(blob))).decode()
         else:
             blob = self._read_body()
             try:
@@ -1691,6 +1720,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 backend._decref(old)
         if copy:
             inner = _el("LastModified", _iso(part.mtime)) + _el("ETag", etag)
+            inner += "".join(_el(_checksum_name(h), v) for h, v in checksums.items())
             self._send_xml("CopyPartResult", inner)
         else:
             self._send(200, [("ETag", etag), *checksums.items()])
@@ -1701,6 +1731,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         sb, sk = self._copy_source()
         with backend.lock:
             src = self._lookup(sb, sk)
+            self._check_copy_source(src)
             backend._incref(src)
         try:
             a, b = 0, src.size

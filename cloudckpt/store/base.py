@@ -36,7 +36,11 @@ __all__ = [
     "MultipartUpload",
     "ObjectStore",
     "body_size",
+    "COPY_CHUNK",
 ]
+
+#: Bytes per request when a store without server-side copies copies through the client.
+COPY_CHUNK = 32 * 1024 * 1024
 
 
 def body_size(body: Body) -> int:
@@ -181,6 +185,95 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
         """Return uploads under ``prefix`` that were neither completed nor aborted."""
+
+    # -- copies (incremental saves) --------------------------------------------
+    #: True when :meth:`copy_object` copies inside the service (no bytes through the client).
+    server_side_copy: bool = False
+    #: True when :meth:`upload_part_copy` copies a byte range inside the service.
+    server_side_range_copy: bool = False
+    #: Largest object :meth:`copy_object` copies in one request (S3 CopyObject: 5 GiB).
+    max_copy_object_size: int = 5 * 1024 * 1024 * 1024
+
+    def copy_probe(self, key: str) -> ObjectInfo | None:
+        """What a copy's source condition is checked against: a HEAD (None if absent).
+
+        Its :meth:`copy_tag` identifies this exact version of the object.
+        """
+        return self.head(key)
+
+    def copy_tag(self, info: ObjectInfo) -> str | None:
+        """The token that identifies the version of an object :meth:`copy_probe` saw (S3: its ETag)."""
+        return info.etag
+
+    def _check_source(self, src_key: str, if_match: str | None) -> ObjectInfo:
+        """The source's info; ObjectNotFoundError / PreconditionFailedError if absent or changed."""
+        from cloudckpt.errors import ObjectNotFoundError, PreconditionFailedError
+
+        info = self.copy_probe(src_key)
+        if info is None:
+            raise ObjectNotFoundError(f"copy source {self.url(src_key)} does not exist")
+        if if_match is not None and self.copy_tag(info) != if_match:
+            raise PreconditionFailedError(f"copy source {self.url(src_key)} changed (its version is no longer "
+                                          f"{if_match}); nothing was copied")
+        return info
+
+    def copy_object(self, src_key: str, dst_key: str, *, if_match: str | None = None,
+                    crc32c: int | None = None) -> ObjectInfo:
+        """Copy the whole object ``src_key`` to ``dst_key`` in the same bucket.
+
+        ``if_match``: the source's :meth:`copy_tag`; if the source changed
+        (or is gone) nothing is written and PreconditionFailedError
+        (ObjectNotFoundError) is raised. ``crc32c``: the CRC32C the copy must
+        have (IntegrityError otherwise). This default reads the source through
+        the client and uploads it again; backends override it with a
+        server-side copy (:attr:`server_side_copy`).
+        """
+        from cloudckpt import crc as _crc
+        from cloudckpt.errors import IntegrityError
+
+        info = self._check_source(src_key, if_match)
+        if info.size <= COPY_CHUNK:
+            buf = bytearray(info.size)
+            self.get_range(src_key, 0, memoryview(buf))
+            got = _crc.crc32c(buf)
+            if crc32c is not None and got != crc32c:
+                raise IntegrityError(f"copy source {self.url(src_key)} has CRC32C {got:#010x}, expected "
+                                     f"{crc32c:#010x}; nothing was copied")
+            return self.put(dst_key, [buf], crc32c=got)
+        upload_id = self.create_multipart(dst_key)
+        try:
+            parts = [self.upload_part_copy(dst_key, upload_id, n + 1, src_key, start,
+                                           min(start + COPY_CHUNK, info.size))
+                     for n, start in enumerate(range(0, info.size, COPY_CHUNK))]
+            whole = _crc.combine_all((p.crc32c, p.size) for p in parts)
+            if crc32c is not None and whole != crc32c:
+                raise IntegrityError(f"copy source {self.url(src_key)} has CRC32C {whole:#010x}, expected "
+                                     f"{crc32c:#010x}; nothing was copied")
+            return self.complete_multipart(dst_key, upload_id, parts)
+        except BaseException:
+            self.abort_multipart(dst_key, upload_id)
+            raise
+
+    def upload_part_copy(self, key: str, upload_id: str, part_number: int, src_key: str, start: int, end: int,
+                         *, crc32c: int | None = None, if_match: str | None = None) -> PartResult:
+        """Make bytes ``[start, end)`` of ``src_key`` part ``part_number`` of a multipart upload of ``key``.
+
+        ``if_match`` and ``crc32c`` as in :meth:`copy_object`. As for uploaded
+        parts, every part but the last must have at least :attr:`min_part_size`
+        bytes. This default reads the range through the client and uploads it.
+        """
+        from cloudckpt import crc as _crc
+        from cloudckpt.errors import IntegrityError
+
+        if if_match is not None:
+            self._check_source(src_key, if_match)
+        buf = bytearray(end - start)
+        self.get_range(src_key, start, memoryview(buf))
+        got = _crc.crc32c(buf)
+        if crc32c is not None and got != crc32c:
+            raise IntegrityError(f"bytes [{start}, {end}) of copy source {self.url(src_key)} have CRC32C "
+                                 f"{got:#010x}, expected {crc32c:#010x}; nothing was copied")
+        return self.upload_part(key, upload_id, part_number, [buf], crc32c=got)
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - a hook: stores that hold no clients need not override it

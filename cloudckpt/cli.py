@@ -319,7 +319,8 @@ def _transfer_line(info: Any) -> list[str]:
     """How the save sent its bytes: uploaded vs copied inside the store (incremental saves)."""
     if info.uploaded_bytes is None and info.copied_bytes is None:
         return []
-    line = f"transfer    {_human(info.uploaded_bytes or 0)} uploaded, {_human(info.copied_bytes or 0)} copied in the store"
+    line = (f"transfer    {_human(info.uploaded_bytes or 0)} uploaded, "
+            f"{_human(info.copied_bytes or 0)} copied in the store")
     return [line + (f" from {info.base}" if info.base else " (full save)")]
 
 

@@ -172,7 +172,8 @@ def open_base(store: ObjectStore, target: StorageURI, base_id: Any) -> BaseCheck
         raise BaseRejected(f"{uri}: .metadata has no storage_data table")
     for index, info in storage.items():
         name, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
-        if not isinstance(index, MetadataIndex) or not _own_name(name) or not isinstance(offset, int) \
+        if not isinstance(index, MetadataIndex) or not isinstance(name, str) or not _own_name(name) \
+                or not isinstance(offset, int) \
                 or not isinstance(length, int) or offset < 0 or length < 0:
             raise BaseRejected(f"{uri}: .metadata has a malformed storage entry {str(index)[:200]}")
         facts = manifest.items.get((name, offset))

@@ -30,12 +30,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
 import math
-import re
 import struct
 import zipfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
@@ -159,7 +158,7 @@ def _zip_members(f: io.RawIOBase, length: int) -> dict[str, tuple[int, int]]:
     and does not check zip CRCs (cloudckpt writes records with the zip CRC off;
     CRC32C in the manifest protects the bytes instead).
     """
-    zf = zipfile.ZipFile(f)  # type: ignore[arg-type]
+    zf = zipfile.ZipFile(f)
     out: dict[str, tuple[int, int]] = {}
     for zi in zf.infolist():
         f.seek(zi.header_offset)
@@ -199,7 +198,7 @@ def _parse_record(f: io.RawIOBase, length: int) -> layout.TensorRecord:
     if pkl is None:
         raise ValueError("no data.pkl in archive")
     root = pkl[: -len("data.pkl")]
-    up = layout._RecordUnpickler(io.BytesIO(_read_member(f, members, pkl)))  # noqa: SLF001 - same package
+    up = layout._RecordUnpickler(io.BytesIO(_read_member(f, members, pkl)))
     obj = up.load()
     if not (isinstance(obj, tuple) and len(obj) == 5 and obj[0] == "tensor"):
         raise ValueError("archive does not hold a single plain tensor")
@@ -454,7 +453,7 @@ class _Verifier:
                 self.problem(name, None, f"object has {info.size} bytes, the manifest says {exp_size} "
                                          "(truncated or replaced)")
             items = sorted(items_by_obj.get(name, []), key=lambda i: i.start)
-            for a, b in zip(items, items[1:]):
+            for a, b in zip(items, items[1:], strict=False):  # neighbours
                 if b.start < a.end:
                     self.problem(name, b.label, f"overlaps item {a.label!r} in the object")
             objects.append(_Obj(name=name, key=self.uri.key(name), size=info.size, expected_size=exp_size,
@@ -504,13 +503,13 @@ class _Verifier:
             while len(buffers) < len(batch):
                 buffers.append(bytearray(self.piece_size))
             views = [memoryview(buffers[k])[:n] for k, (_, _, n) in enumerate(batch)]
-            reads = [(o.key, start, v) for (o, start, _), v in zip(batch, views)]
+            reads = [(o.key, start, v) for (o, start, _), v in zip(batch, views, strict=True)]
             try:
                 self.engine.download_ranges(reads, progress=self.progress)
             except (ObjectNotFoundError, TransferError):
                 # Something changed under us (deleted or truncated object): find out which
                 # pieces fail, one by one, and report those objects.
-                for (o, start, _), v in zip(batch, views):
+                for (o, start, _), v in zip(batch, views, strict=True):
                     if o.failed:
                         continue
                     try:
@@ -518,7 +517,7 @@ class _Verifier:
                     except (ObjectNotFoundError, TransferError) as exc:
                         o.failed = True
                         self.problem(o.name, None, f"could not be read at offset {start}: {exc}")
-            for (o, start, _), v in zip(batch, views):
+            for (o, start, _), v in zip(batch, views, strict=True):
                 if not o.failed:
                     self._piece(o, start, v)
                     self.bytes_checked += v.nbytes
@@ -759,7 +758,7 @@ class _Verifier:
 
 
 def verify(
-    uri: "str | StorageURI",
+    uri: str | StorageURI,
     *,
     deep: bool = True,
     max_concurrency: int = 16,

@@ -113,16 +113,16 @@ class CloudStorageWriter(StorageWriter):
 
     def __init__(
         self,
-        checkpoint_id: "str | os.PathLike[str] | None" = None,
+        checkpoint_id: str | os.PathLike[str] | None = None,
         *,
         overwrite: bool = False,
         part_size: int | None = None,
         max_concurrency: int | None = None,
         target_object_size: int | None = None,
         transfer_options: TransferOptions | None = None,
-        prefix_strategy: "str | int" = "none",
-        base_checkpoint_id: "str | os.PathLike[str] | None" = None,
-        frozen_keys: "Iterable[str] | Callable[[str], bool] | None" = None,
+        prefix_strategy: str | int = "none",
+        base_checkpoint_id: str | os.PathLike[str] | None = None,
+        frozen_keys: Iterable[str] | Callable[[str], bool] | None = None,
         **store_options: Any,
     ) -> None:
         super().__init__()
@@ -151,7 +151,7 @@ class CloudStorageWriter(StorageWriter):
         opts = transfer_options or TransferOptions()
         overrides = {k: v for k, v in (("part_size", part_size), ("max_concurrency", max_concurrency),
                                        ("target_object_size", target_object_size)) if v is not None}
-        self.transfer_options = dataclasses.replace(opts, **overrides)
+        self.transfer_options = dataclasses.replace(opts, **overrides)  # type: ignore[arg-type]
         self.overwrite = overwrite
         self._store_options = store_options
         self._store: ObjectStore | None = None
@@ -226,7 +226,7 @@ class CloudStorageWriter(StorageWriter):
         return layout.METADATA_NAME
 
     # -- StorageWriter API -----------------------------------------------------------
-    def reset(self, checkpoint_id: "str | os.PathLike[str] | None" = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Point the writer at a new checkpoint (DCP calls this once per save)."""
         if checkpoint_id is not None:
             uri = parse_uri(checkpoint_id)
@@ -240,7 +240,7 @@ class CloudStorageWriter(StorageWriter):
             self.uri = uri
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: "str | os.PathLike[str]") -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         """True if ``checkpoint_id`` parses and matches this writer's scheme."""
         try:
             uri = parse_uri(checkpoint_id)
@@ -324,7 +324,7 @@ class CloudStorageWriter(StorageWriter):
         older = [s for s in found if s < step] or [s for s in found if s != step]
         return str(found[max(older)]) if older else None
 
-    def _open_base(self) -> "incremental.BaseCheckpoint | None":
+    def _open_base(self) -> incremental.BaseCheckpoint | None:
         """Coordinator: open and verify the base; None (and a warning) if there is none or it is unusable."""
         self._base_summary = {}
         base_id = self._base_id()
@@ -346,7 +346,7 @@ class CloudStorageWriter(StorageWriter):
         try:
             fut.set_result(self._write(plan, planner))
         except BaseException as exc:  # noqa: BLE001 - handed to DCP, which re-raises on every rank
-            fut.set_exception(exc)
+            fut.set_exception(exc)  # type: ignore[arg-type]  # torch Future takes any exception
         return fut
 
     def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
@@ -427,7 +427,9 @@ class CloudStorageWriter(StorageWriter):
         """Stage one item for upload: its torch.save framing around a zero-copy payload view."""
         data = planner.resolve_data(item)
         if item.type == WriteItemType.BYTE_IO:
+            assert isinstance(data, io.BytesIO)
             return layout.frame_bytes(item.index, data.getbuffer())
+        assert isinstance(data, torch.Tensor)
         return layout.frame_tensor(item.index, data)
 
     def _upload_items(self, uri: StorageURI, prefix: str, first: int, changed: list[layout.FramedItem],
@@ -654,7 +656,7 @@ class S3StorageWriter(CloudStorageWriter):
 
     def __init__(
         self,
-        checkpoint_id: "str | os.PathLike[str] | None" = None,
+        checkpoint_id: str | os.PathLike[str] | None = None,
         *,
         endpoint_url: str | None = None,
         region: str | None = None,
@@ -685,7 +687,7 @@ class GCSStorageWriter(CloudStorageWriter):
 
     def __init__(
         self,
-        checkpoint_id: "str | os.PathLike[str] | None" = None,
+        checkpoint_id: str | os.PathLike[str] | None = None,
         *,
         client: Any = None,
         project: str | None = None,
@@ -724,7 +726,7 @@ _WRITERS: dict[str, type[CloudStorageWriter]] = {
 }
 
 
-def writer_for(uri: "str | os.PathLike[str] | StorageURI", **options: Any) -> CloudStorageWriter:
+def writer_for(uri: str | os.PathLike[str] | StorageURI, **options: Any) -> CloudStorageWriter:
     """The DCP StorageWriter for ``uri``: S3 for ``s3://``, GCS for ``gs://``, local otherwise."""
     u = parse_uri(uri)
     return _WRITERS[u.scheme](str(u), **options)

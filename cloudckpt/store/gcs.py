@@ -33,9 +33,9 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 from xml.etree import ElementTree
 
@@ -159,7 +159,7 @@ def _is_network_failure(exc: BaseException) -> bool:
     return False
 
 
-def _status_and_text(exc: BaseException) -> tuple[Optional[int], str]:
+def _status_and_text(exc: BaseException) -> tuple[int | None, str]:
     """HTTP status and response text of a google/resumable-media error, if it has one."""
     from google.api_core import exceptions as gexc
 
@@ -174,7 +174,7 @@ def _status_and_text(exc: BaseException) -> tuple[Optional[int], str]:
         return exc.code, text
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
-    if status is not None:
+    if status is not None and response is not None:
         try:
             text = response.text
         except Exception:  # noqa: BLE001
@@ -232,16 +232,16 @@ class GCSStore(ObjectStore):
         bucket: str,
         *,
         client: Any = None,
-        project: Optional[str] = None,
-        endpoint_url: Optional[str] = None,
-        timeout: "float | tuple[float, float]" = (5.0, 120.0),
+        project: str | None = None,
+        endpoint_url: str | None = None,
+        timeout: float | tuple[float, float] = (5.0, 120.0),
         max_pool_connections: int = 64,
-        retry_policy: Optional[RetryPolicy] = None,
-        retry_timeout: Optional[float] = None,
-        unreachable_timeout: Optional[float] = None,
-        kms_key_name: Optional[str] = None,
-        user_project: Optional[str] = None,
-        storage_class: Optional[str] = None,
+        retry_policy: RetryPolicy | None = None,
+        retry_timeout: float | None = None,
+        unreachable_timeout: float | None = None,
+        kms_key_name: str | None = None,
+        user_project: str | None = None,
+        storage_class: str | None = None,
     ) -> None:
         super().__init__(bucket)
         self.request_options = GCSRequestOptions(kms_key_name=kms_key_name, user_project=user_project,
@@ -267,9 +267,9 @@ class GCSStore(ObjectStore):
         self._health = _retry.EndpointHealth()
         # endpoint -> whether it has the XML multipart API (kept when pickled).
         self._xml_mpu: dict[str, bool] = {}
-        self._user_client: Optional[tuple[int, Any]] = (os.getpid(), client) if client is not None else None
-        self._client: Optional[tuple[int, Any]] = None
-        self._lock: Optional[threading.Lock] = threading.Lock()
+        self._user_client: tuple[int, Any] | None = (os.getpid(), client) if client is not None else None
+        self._client: tuple[int, Any] | None = None
+        self._lock: threading.Lock | None = threading.Lock()
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -279,7 +279,7 @@ class GCSStore(ObjectStore):
         return f"GCSStore(bucket={self.bucket!r}, endpoint_url={redact_url(self._endpoint())!r})"
 
     # -- client ----------------------------------------------------------------
-    def _emulator_endpoint(self) -> Optional[str]:
+    def _emulator_endpoint(self) -> str | None:
         endpoint = self.endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST")
         if endpoint and "://" not in endpoint:
             endpoint = "http://" + endpoint
@@ -319,11 +319,12 @@ class GCSStore(ObjectStore):
         endpoint = self._emulator_endpoint()
         if endpoint:
             credentials: Any = AnonymousCredentials()
-            project = self.project or "cloudckpt"
-            options: Optional[dict[str, str]] = {"api_endpoint": endpoint}
+            project: str | None = self.project or "cloudckpt"
+            options: dict[str, str] | None = {"api_endpoint": endpoint}
         else:
             try:
-                credentials, adc_project = google.auth.default(scopes=list(storage.Client.SCOPE))
+                credentials, adc_project = google.auth.default(
+                    scopes=list(storage.Client.SCOPE))  # type: ignore[attr-defined]
             except DefaultCredentialsError as exc:
                 raise AccessDeniedError(
                     f"no Google Cloud credentials found for gs://{self.bucket}: run "
@@ -339,7 +340,8 @@ class GCSStore(ObjectStore):
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.max_pool_connections)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
-        client = storage.Client(project=project, credentials=credentials, _http=session, client_options=options)
+        client = storage.Client(  # type: ignore[attr-defined]
+            project=project, credentials=credentials, _http=session, client_options=options)
         # google-cloud-storage 3.x fetches bucket metadata (buckets.get) in a background
         # thread for trace attributes. That request carries no userProject, so it is
         # refused on requester-pays buckets, and it needs storage.buckets.get, which
@@ -381,7 +383,7 @@ class GCSStore(ObjectStore):
         )
 
     # -- retries and errors ----------------------------------------------------
-    def _classify(self, exc: BaseException) -> Optional[FailureKind]:
+    def _classify(self, exc: BaseException) -> FailureKind | None:
         """Transient failures (retried) by kind; None for final ones."""
         if isinstance(exc, (_ShortRead, CloudCheckpointError)):
             return None
@@ -397,7 +399,7 @@ class GCSStore(ObjectStore):
         try:
             from google.cloud.storage.exceptions import DataCorruption
         except ImportError:  # pragma: no cover - older storage releases
-            from google.resumable_media import DataCorruption  # type: ignore[no-redef]
+            from google.resumable_media import DataCorruption
         from google.cloud.storage.retry import _should_retry
 
         # A download whose bytes do not match GCS's own hash was damaged in transit
@@ -406,11 +408,11 @@ class GCSStore(ObjectStore):
             return FailureKind.NETWORK
         return None
 
-    def _run(self, action: str, key: Optional[str], fn: Callable[[], _T], *, retry: bool = True) -> _T:
+    def _run(self, action: str, key: str | None, fn: Callable[[], _T], *, retry: bool = True) -> _T:
         """Call ``fn`` (retried with this store's policy) and translate any failure."""
         return self._run_attempts(action, key, lambda _attempt: fn(), retry=retry)
 
-    def _run_attempts(self, action: str, key: Optional[str], fn: Callable[[Attempt], _T], *,
+    def _run_attempts(self, action: str, key: str | None, fn: Callable[[Attempt], _T], *,
                       retry: bool = True) -> _T:
         """Like :meth:`_run`, for calls that need to know about earlier attempts."""
         try:
@@ -426,10 +428,10 @@ class GCSStore(ObjectStore):
             raise cls(f"{err} ({gave_up.summary()}{hint})") from gave_up.last
         except CloudCheckpointError:
             raise
-        except Exception as exc:  # noqa: BLE001 - translated into typed errors
+        except Exception as exc:
             raise self._translate(exc, key, action) from exc
 
-    def _translate(self, exc: BaseException, key: Optional[str], action: str) -> Exception:
+    def _translate(self, exc: BaseException, key: str | None, action: str) -> Exception:
         """The typed error for ``exc``, with every URL password and token in its text (and its cause's) masked."""
         scrub_exception(exc)  # chained below the typed error: its text may show a URL with a password
         err = self._typed_error(exc, key, action)
@@ -437,7 +439,7 @@ class GCSStore(ObjectStore):
         clean = redact_text(text)
         return err if clean == text else type(err)(clean)
 
-    def _typed_error(self, exc: BaseException, key: Optional[str], action: str) -> Exception:
+    def _typed_error(self, exc: BaseException, key: str | None, action: str) -> Exception:
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as auth_exc
 
@@ -455,7 +457,7 @@ class GCSStore(ObjectStore):
         try:
             from google.cloud.storage.exceptions import DataCorruption
         except ImportError:  # pragma: no cover - older storage releases
-            from google.resumable_media import DataCorruption  # type: ignore[no-redef]
+            from google.resumable_media import DataCorruption
         if isinstance(exc, DataCorruption):
             return IntegrityError(f"checksum mismatch while trying to {action} {where}: {exc}")
         if isinstance(exc, (auth_exc.RefreshError, auth_exc.DefaultCredentialsError)):
@@ -484,7 +486,8 @@ class GCSStore(ObjectStore):
             if status == 412:
                 return PreconditionFailedError(f"{where} already exists (conditional {action} refused)")
             if status == 400 and any(c in text for c in ("BadDigest", "InvalidDigest", "CrcMismatch", "doesn't match")):
-                return IntegrityError(f"GCS rejected the checksum while trying to {action} {where}: {text.strip()[:500]}")
+                return IntegrityError(
+                    f"GCS rejected the checksum while trying to {action} {where}: {text.strip()[:500]}")
             return TransferError(f"failed to {action} {where}: HTTP {status}: {text.strip()[:500]}")
         if _is_connect_failure(exc) or (isinstance(exc, auth_exc.TransportError) and not _is_network_failure(exc)):
             return EndpointUnreachableError(
@@ -511,8 +514,8 @@ class GCSStore(ObjectStore):
         method: str,
         url: str,
         *,
-        params: Optional[Mapping[str, Any]] = None,
-        headers: Optional[Mapping[str, str]] = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
         data: Any = None,
         ok: Sequence[int] = (200,),
     ) -> Any:
@@ -592,7 +595,7 @@ class GCSStore(ObjectStore):
         head = (
             f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n"
             f"{json.dumps(meta)}\r\n--{boundary}\r\ncontent-type: {_OCTET}\r\n\r\n"
-        ).encode("utf-8")
+        ).encode()
         tail = f"\r\n--{boundary}--".encode("ascii")
         request_body = _BufferBody([head, *payload, tail])
         url = f"{self._api_base()}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
@@ -604,7 +607,7 @@ class GCSStore(ObjectStore):
         def call(attempt: Attempt) -> ObjectInfo:
             try:
                 resp = self._request("POST", url, params=params, headers=headers, data=request_body)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 status, _ = _status_and_text(exc)
                 if status == 412 and attempt.maybe_applied_before:
                     # An earlier attempt may have landed and only its reply was lost:
@@ -677,7 +680,7 @@ class GCSStore(ObjectStore):
         return self._run("download", key, call)
 
     @staticmethod
-    def _check_hash(resp: Any, data: "bytes | bytearray", key: str) -> None:
+    def _check_hash(resp: Any, data: bytes | bytearray, key: str) -> None:
         """Compare the body with the CRC32C GCS sent in ``x-goog-hash`` (when it sent one)."""
         for part in resp.headers.get("x-goog-hash", "").split(","):
             name, _, value = part.strip().partition("=")
@@ -690,7 +693,7 @@ class GCSStore(ObjectStore):
                     try:
                         from google.cloud.storage.exceptions import DataCorruption
                     except ImportError:  # pragma: no cover - older storage releases
-                        from google.resumable_media import DataCorruption  # type: ignore[no-redef]
+                        from google.resumable_media import DataCorruption
                     # Damaged in transit (GCS verified the stored bytes at upload): retried.
                     raise DataCorruption(resp, f"CRC32C of the downloaded {key} does not match x-goog-hash")
                 return
@@ -764,7 +767,7 @@ class GCSStore(ObjectStore):
 
         blob = self._bucket().blob(key)
 
-        def call() -> Optional[ObjectInfo]:
+        def call() -> ObjectInfo | None:
             try:
                 blob.reload(retry=None, timeout=self.timeout)
             except gexc.NotFound as exc:
@@ -776,10 +779,10 @@ class GCSStore(ObjectStore):
 
         return self._run("inspect", key, call)
 
-    def _list_page(self, token: Optional[str], **kwargs: Any) -> tuple[list[Any], tuple[str, ...], Optional[str]]:
+    def _list_page(self, token: str | None, **kwargs: Any) -> tuple[list[Any], tuple[str, ...], str | None]:
         """One page of a listing: (blobs, prefixes, next token), retried as a unit."""
 
-        def call() -> tuple[list[Any], tuple[str, ...], Optional[str]]:
+        def call() -> tuple[list[Any], tuple[str, ...], str | None]:
             it = self.client.list_blobs(
                 self._bucket(), page_token=token, page_size=self.list_page_size, retry=None,
                 timeout=self.timeout, **kwargs,
@@ -793,7 +796,7 @@ class GCSStore(ObjectStore):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order, page by page."""
-        token: Optional[str] = None
+        token: str | None = None
         while True:
             blobs, _, token = self._list_page(token, prefix=prefix)
             for blob in blobs:
@@ -801,10 +804,10 @@ class GCSStore(ObjectStore):
             if not token:
                 return
 
-    def list_prefixes(self, prefix: str) -> list[str]:
+    def list_prefixes(self, prefix: str) -> builtins.list[str]:
         """Immediate "sub-directories" of ``prefix`` (each ending in '/')."""
         found: set[str] = set()
-        token: Optional[str] = None
+        token: str | None = None
         while True:
             _, prefixes, token = self._list_page(token, prefix=prefix, delimiter="/")
             found.update(prefixes)
@@ -851,7 +854,7 @@ class GCSStore(ObjectStore):
     # named after it (:func:`cloudckpt.layout.composite_part_name`), so listing
     # finds unfinished composite uploads and ``gc`` aborts them.
 
-    def _xml_multipart_available(self) -> Optional[bool]:
+    def _xml_multipart_available(self) -> bool | None:
         """Whether this endpoint has the XML multipart API: True, False, or None (not probed yet)."""
         if self.multipart_api == "xml":
             return True
@@ -867,7 +870,7 @@ class GCSStore(ObjectStore):
             self._xml_mpu = {}
         self._xml_mpu[self._endpoint()] = available
 
-    def _no_xml_multipart(self, what: str, key: Optional[str]) -> UnsupportedAPIError:
+    def _no_xml_multipart(self, what: str, key: str | None) -> UnsupportedAPIError:
         where = self.url(key) if key is not None else f"gs://{self.bucket}"
         return UnsupportedAPIError(
             f"GCS endpoint {self._endpoint()} answered 404 to the XML API request to {what} for {where} although "
@@ -875,7 +878,7 @@ class GCSStore(ObjectStore):
             "Set multipart_api='auto' (the default) to fall back to parallel composite uploads"
         )
 
-    def _on_xml_404(self, exc: BaseException, what: str, key: Optional[str]) -> None:
+    def _on_xml_404(self, exc: BaseException, what: str, key: str | None) -> None:
         """Inside a retried call: a 404 that is not "no such bucket/upload" means the XML API is missing."""
         status, text = _status_and_text(exc)
         if status == 404 and not _bucket_missing(text) and "NoSuchUpload" not in text:
@@ -891,11 +894,11 @@ class GCSStore(ObjectStore):
             log.info("%s; using parallel composite uploads for gs://%s", err, self.bucket)
         self._remember_xml_multipart(False)
 
-    def _container(self, key: str, upload_id: Optional[str] = None, headers: Optional[dict] = None) -> Any:
+    def _container(self, key: str, upload_id: str | None = None, headers: dict | None = None) -> Any:
         try:
             from google.cloud.storage._media.requests import XMLMPUContainer
         except ImportError:  # google-cloud-storage 2.x uses the separate package
-            from google.resumable_media.requests import XMLMPUContainer  # type: ignore[no-redef]
+            from google.resumable_media.requests import XMLMPUContainer  # type: ignore[assignment]
 
         # Initiation, completion and abort all carry the requester-pays header.
         headers = {**self.request_options.xml_headers(), **(headers or {})}
@@ -931,7 +934,7 @@ class GCSStore(ObjectStore):
             container = self._container(key, headers=dict(headers))
             try:
                 container.initiate(self._session, _OCTET, timeout=self.timeout)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self._on_xml_404(exc, "start a multipart upload (POST ?uploads)", key)
                 raise
             return str(container.upload_id)
@@ -997,7 +1000,7 @@ class GCSStore(ObjectStore):
                 container.register_part(p.part_number, p.etag)
             try:
                 resp = container.finalize(self._session, timeout=self.timeout)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 status, text = _status_and_text(exc)
                 if attempt.maybe_applied_before and (
                         (status == 404 and "NoSuchUpload" in text) or (status == 412 and if_absent)):
@@ -1019,7 +1022,8 @@ class GCSStore(ObjectStore):
 
         info = self._run_attempts("complete multipart upload of", key, call)
         if info.crc32c is not None and info.crc32c != whole:
-            raise IntegrityError(f"{self.url(key)} has CRC32C {info.crc32c:#010x} after completion, expected {whole:#010x}")
+            raise IntegrityError(
+                f"{self.url(key)} has CRC32C {info.crc32c:#010x} after completion, expected {whole:#010x}")
         return info
 
     # -- server-side copies (incremental saves) ------------------------------------------
@@ -1047,7 +1051,7 @@ class GCSStore(ObjectStore):
         body = json.dumps({"contentType": _OCTET, **self.request_options.json_metadata()})
 
         def call() -> ObjectInfo:
-            token: Optional[str] = None
+            token: str | None = None
             while True:
                 p = dict(params, **({"rewriteToken": token} if token else {}))
                 doc = self._request("POST", url, params=p, headers={"content-type": "application/json"},
@@ -1082,7 +1086,7 @@ class GCSStore(ObjectStore):
         def call() -> None:
             try:
                 self._container(key, upload_id=upload_id).cancel(self._session, timeout=self.timeout)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 status, text = _status_and_text(exc)
                 if status == 404 and not _bucket_missing(text):
                     return
@@ -1108,7 +1112,7 @@ class GCSStore(ObjectStore):
         def call() -> Any:
             try:
                 return self._request("GET", url, params=dict(params), headers=self.request_options.xml_headers())
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self._on_xml_404(exc, "list multipart uploads (GET ?uploads)", None)
                 raise
 
@@ -1119,7 +1123,7 @@ class GCSStore(ObjectStore):
             except ElementTree.ParseError as exc:
                 raise TransferError(f"unreadable multipart upload listing for gs://{self.bucket}: {exc}") from exc
 
-            def text(node: Any, tag: str) -> Optional[str]:
+            def text(node: Any, tag: str) -> str | None:
                 found = node.find(f"{_S3_NS}{tag}")
                 if found is None:
                     found = node.find(tag)
@@ -1174,7 +1178,7 @@ class GCSStore(ObjectStore):
         head = (
             f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n"
             f"{json.dumps(meta)}\r\n--{boundary}\r\ncontent-type: {_OCTET}\r\n\r\n"
-        ).encode("utf-8")
+        ).encode()
         request_body = _BufferBody([head, *payload, f"\r\n--{boundary}--".encode("ascii")])
         url = f"{self._api_base()}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
         params = {"uploadType": "multipart", **self.request_options.json_params(create=True)}
@@ -1226,7 +1230,7 @@ class GCSStore(ObjectStore):
             try:
                 resp = self._request("POST", url, params=params, data=body,
                                      headers={"content-type": "application/json; charset=UTF-8"})
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 status, _ = _status_and_text(exc)
                 if status == 412 and if_absent and attempt.maybe_applied_before:
                     # A retry after a lost reply: if the live object is exactly what
@@ -1271,7 +1275,8 @@ class GCSStore(ObjectStore):
         self._composite_abort(key, upload_id, best_effort=True)
         return info
 
-    def _compose_level(self, key: str, upload_id: str, level: int, sources: Sequence[_Source]) -> builtins.list[_Source]:
+    def _compose_level(self, key: str, upload_id: str, level: int,
+                       sources: Sequence[_Source]) -> builtins.list[_Source]:
         """One level of the tree: every 32 sources become one temporary intermediate object."""
         groups = [sources[i:i + _COMPOSE_LIMIT] for i in range(0, len(sources), _COMPOSE_LIMIT)]
 
@@ -1303,8 +1308,8 @@ class GCSStore(ObjectStore):
 
     def _composite_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
         """Unfinished composite uploads under ``prefix``, found by their temporary objects' names."""
-        found: dict[tuple[str, str], Optional[_dt.datetime]] = {}
-        token: Optional[str] = None
+        found: dict[tuple[str, str], _dt.datetime | None] = {}
+        token: str | None = None
         while True:
             # matchGlob narrows the listing on GCS; servers without it list everything, filtered here.
             blobs, _, token = self._list_page(token, prefix=prefix,
@@ -1321,7 +1326,7 @@ class GCSStore(ObjectStore):
                 break
         return [MultipartUpload(key=k, upload_id=u, initiated=when) for (k, u), when in sorted(found.items())]
 
-    def _delete_generation(self, key: str, generation: Optional[str]) -> None:
+    def _delete_generation(self, key: str, generation: str | None) -> None:
         """Best effort: delete exactly this generation of ``key`` (never a newer object of the same name)."""
         if not generation:
             return

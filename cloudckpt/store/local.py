@@ -8,13 +8,14 @@ kept as files under ``<dir>/.cloudckpt-uploads/<upload-id>/`` until completed.
 
 from __future__ import annotations
 
+import builtins
 import datetime as _dt
 import json
 import os
 import shutil
 import stat
 import uuid
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from cloudckpt import crc
 from cloudckpt.errors import (
@@ -182,7 +183,7 @@ class LocalStore(ObjectStore):
             if info is not None:
                 yield info
 
-    def list_prefixes(self, prefix: str) -> list[str]:
+    def list_prefixes(self, prefix: str) -> builtins.list[str]:
         base = prefix if prefix.endswith("/") else os.path.dirname(prefix) + "/"
         if not os.path.isdir(base):
             return []
@@ -250,7 +251,7 @@ class LocalStore(ObjectStore):
         shutil.rmtree(self._upload_dir(key, upload_id), ignore_errors=True)
         self._cleanup_uploads_dir(key)
 
-    def list_multipart_uploads(self, prefix: str) -> list[MultipartUpload]:
+    def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
         base = prefix if prefix.endswith("/") else os.path.dirname(prefix)
         out: list[MultipartUpload] = []
         if not os.path.isdir(base):

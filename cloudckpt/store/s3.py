@@ -16,13 +16,15 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as _dt
 import http.client
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from cloudckpt import crc, retry
 from cloudckpt.errors import (
@@ -213,7 +215,7 @@ class S3Store(ObjectStore):
         server_side_encryption: str | None = None,
         sse_kms_key_id: str | None = None,
         bucket_key_enabled: bool | None = None,
-        sse_customer_key: "bytes | str | SecretBytes | None" = None,
+        sse_customer_key: bytes | str | SecretBytes | None = None,
         request_payer: str | None = None,
         expected_bucket_owner: str | None = None,
         storage_class: str | None = None,
@@ -229,7 +231,8 @@ class S3Store(ObjectStore):
                 f"{', '.join(sorted(S3_CLIENT_OPTIONS))} (see docs/configuration.md)")
         self.request_options = S3RequestOptions(
             bucket, server_side_encryption=server_side_encryption, sse_kms_key_id=sse_kms_key_id,
-            bucket_key_enabled=bucket_key_enabled, sse_customer_key=sse_customer_key, request_payer=request_payer,
+            bucket_key_enabled=bucket_key_enabled, request_payer=request_payer,
+            sse_customer_key=sse_customer_key,  # type: ignore[arg-type]  # __post_init__ wraps bytes/str
             expected_bucket_owner=expected_bucket_owner, storage_class=storage_class,
             object_tags=object_tags or {}, object_metadata=object_metadata or {})
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -402,7 +405,7 @@ class S3Store(ObjectStore):
             raise cls(f"{err} ({gave_up.summary()}{hint})") from gave_up.last
         except CloudCheckpointError:
             raise
-        except Exception as exc:  # noqa: BLE001 - translated into typed errors
+        except Exception as exc:
             raise self._translate(exc, key, action) from exc
 
     def _call(self, action: str, key: str | None, fn: Any, **kwargs: Any) -> Any:
@@ -553,7 +556,7 @@ class S3Store(ObjectStore):
                 return
             token = resp["NextContinuationToken"]
 
-    def list_prefixes(self, prefix: str) -> list[str]:
+    def list_prefixes(self, prefix: str) -> builtins.list[str]:
         out: list[str] = []
         token: str | None = None
         while True:
@@ -711,7 +714,10 @@ class S3Store(ObjectStore):
 
     def copy_object(self, src_key: str, dst_key: str, *, if_match: str | None = None,
                     crc32c: int | None = None) -> ObjectInfo:
-        """CopyObject (server side, at most :attr:`max_copy_object_size` bytes); ``CopySourceIfMatch`` guards the source."""
+        """CopyObject (server side, at most :attr:`max_copy_object_size` bytes).
+
+        ``CopySourceIfMatch`` guards the source.
+        """
         kwargs = self._copy_source(src_key, if_match, "CopyObject")
         kwargs.update(Key=dst_key, ChecksumAlgorithm="CRC32C")
         if "Metadata" in kwargs:
@@ -769,7 +775,7 @@ class S3Store(ObjectStore):
         except ObjectNotFoundError:
             pass  # NoSuchUpload: already aborted or completed
 
-    def list_multipart_uploads(self, prefix: str) -> list[MultipartUpload]:
+    def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
         out: list[MultipartUpload] = []
         kwargs: dict[str, Any] = {"Prefix": self._listable(prefix), **self._extra("ListMultipartUploads")}
         while True:

@@ -132,6 +132,10 @@ class UnpicklableWriterError(CloudCheckpointError, TypeError):
     """A writer or planner cannot be sent to the checkpoint process because it holds live state (a client)."""
 
 
+class PeerReadError(TransferError):
+    """A load that shares reads between ranks stopped because another rank failed to read its part."""
+
+
 @contextlib.contextmanager
 def typed_errors(reader: Any = None) -> Iterator[None]:
     """Re-raise a DCP ``CheckpointException`` as the cloudckpt error that caused it.

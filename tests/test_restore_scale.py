@@ -89,13 +89,17 @@ def test_resharded_load_fetches_no_byte_range_twice(cloud_backend, saved, loaded
 
 
 def test_a_rank_that_cannot_read_stops_every_rank_without_hanging(moto_server, tmp_path, request):
-    """Rank 2's endpoint refuses connections: every rank fails with a typed error, none waits forever."""
+    """Rank 2's ranged GETs fail: the others stop (PeerReadError) and every rank raises rank 2's error."""
+    from cloudckpt_testing.faultproxy import FaultRule
     from tests.conftest import make_backend
 
     backend = make_backend("s3", request, tmp_path)
     uri = backend.uri("peerfail")
     run_world(4, restore_workers.save_replicated, uri, backend.options, 0, timeout=400)
-    bad = dict(backend.options, endpoint_url=f"http://127.0.0.1:{closed_port()}", max_attempts=1)
-    seen = run_world(4, restore_workers.load_expect_failure, uri, backend.options, 2, bad, timeout=400)
-    assert seen[2] == "EndpointUnreachableError", seen
-    assert all(s in ("PeerReadError", "EndpointUnreachableError") for s in seen), seen
+    rules = [FaultRule("GetObject", fault="status", status=500, ranged=True, rate=1.0)]
+    with FaultProxy(backend.endpoint, rules=rules, api="s3") as proxy:
+        bad = dict(backend.options, endpoint_url=proxy.url, max_attempts=1)
+        seen = run_world(4, restore_workers.load_expect_failure, uri, backend.options, 2, bad, timeout=400)
+        assert proxy.injected >= 1
+    assert seen[2] not in ("no error", "PeerReadError"), seen
+    assert seen == [seen[2]] * 4, seen

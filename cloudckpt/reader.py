@@ -572,11 +572,13 @@ class _Copier:
         self._inflight_bytes = 0
         self._free: list[torch.Tensor] = []
         self._deferred: list[tuple[ReadItem, torch.Tensor]] = []
-        #: Host buffers allocated (pinned ones are reused; for tests and benchmarks).
+        #: Host buffers asked for, and allocated (pinned blocks are reused; for tests and benchmarks).
+        self.requested = 0
         self.allocated = 0
 
     def host_buffer(self, n: int) -> torch.Tensor:
         """A host buffer of ``n`` bytes: a reused pinned block for CUDA loads, else a fresh CPU tensor."""
+        self.requested += 1
         if not self.pinned:
             self.allocated += 1
             return torch.empty(n, dtype=torch.uint8)

@@ -66,7 +66,8 @@ def main() -> None:
         run_world(args.world, _save, uri, opts, args.mib, timeout=900)
         size = sum(o["Size"] for o in boto3.client("s3", endpoint_url=s3.endpoint_url).list_objects_v2(
             Bucket=bucket, Prefix="replicated/")["Contents"])
-        print(f"| reads | world | checkpoint MiB | store served (x checkpoint) | GETs | load wall s (min of {args.repeats}) |")
+        print("| reads | world | checkpoint MiB | store served (x checkpoint) | GETs | "
+              f"load wall s (min of {args.repeats}) |")
         print("|---|---|---|---|---|---|")
         for share in (False, True):
             walls, served, gets = [], 0, 0

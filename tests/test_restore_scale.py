@@ -13,7 +13,6 @@ import pytest
 
 from cloudckpt_testing.faultproxy import FaultProxy
 from tests import restore_workers, workers
-from tests.conftest import closed_port
 from tests.dist import run_world
 
 GET_OPS = ("GetObject", "gcs.get.media", "gcs.xml.get")
@@ -42,7 +41,7 @@ def _assert_no_range_twice(reads: list[Any]) -> None:
     assert by_key, "the load read no data object through the proxy"
     for key, spans in by_key.items():
         spans.sort()
-        for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+        for (s0, e0), (s1, e1) in zip(spans, spans[1:], strict=False):
             assert s1 >= e0, f"{key}: bytes [{s1}, {min(e0, e1)}) fetched twice ({(s0, e0)} and {(s1, e1)})"
 
 

@@ -93,6 +93,8 @@ def load(
     ``storage_reader`` is None; ``allow_pickle=True`` unpickles byte items with plain pickle (trusted checkpoints only).
     """
     chosen = storage_reader if storage_reader is not None else reader_for(checkpoint_id, **reader_options)
+    if process_group is not None and getattr(chosen, "process_group", None) is None:
+        chosen.process_group = process_group  # reads are shared on the load's group
     with typed_errors(chosen):
         dcp.load(state_dict, checkpoint_id=str(parse_uri(checkpoint_id)), storage_reader=chosen,
                  planner=planner if planner is not None else CheckedLoadPlanner(), process_group=process_group,

@@ -163,13 +163,18 @@ class DecodedTooLargeError(IntegrityError):
     """
 
 
+class PeerReadError(TransferError):
+    """A load that shares reads between ranks stopped because another rank failed to read its part."""
+
+
 @contextlib.contextmanager
 def typed_errors(reader: Any = None) -> Iterator[None]:
     """Re-raise a DCP ``CheckpointException`` as the cloudckpt error that caused it.
 
     DCP wraps every rank's failure in a ``CheckpointException`` (a BaseException).
     When the root cause is a cloudckpt error (bad URI, existing checkpoint,
-    missing bucket...) the lowest failing rank's error is raised instead, with
+    missing bucket...) the lowest failing rank's error is raised instead (a
+    :class:`PeerReadError` only if no rank has another cloudckpt error), with
     the CheckpointException (listing every rank) chained as its cause.
     ``reader``'s ``metadata_error`` (a :class:`~cloudckpt.reader.CloudStorageReader`)
     is preferred: DCP turns a missing ``.metadata`` into a generic error after
@@ -183,8 +188,9 @@ def typed_errors(reader: Any = None) -> Iterator[None]:
         missing = getattr(reader, "metadata_error", None)
         if missing is not None:
             raise missing from exc
-        for rank in sorted(exc.failures):
-            err = exc.failures[rank][0]
+        errors = [exc.failures[rank][0] for rank in sorted(exc.failures)]
+        # A rank that stopped because a peer failed (PeerReadError) is not the cause: prefer the peer's error.
+        for err in sorted(errors, key=lambda e: isinstance(e, PeerReadError)):
             if isinstance(err, CloudCheckpointError):
                 raise err from exc
         raise

@@ -14,6 +14,13 @@ every object the plan touches is HEADed once, and no item may claim bytes past
 its object's real end, so a forged length never sizes an allocation; a key
 stored as bytes never replaces a tensor the caller holds (nor the reverse).
 
+In a multi-rank load the coordinator gives every byte range the job needs to
+exactly one reading rank (:mod:`cloudckpt.read_sharing`); ranks fetch their
+pieces and send them to the other ranks that need them, so a replicated state
+is fetched from the store once per job, not once per rank. Loads into CUDA
+tensors go through reused pinned host buffers and non-blocking copies on a
+side stream.
+
 When the checkpoint was written by cloudckpt, the manifest gives each item's
 payload offset and CRC32C, so a resharded load fetches only the rows it needs
 and whole-payload reads are verified.
@@ -24,10 +31,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import io
-import json
+import math
 import os
 import uuid
-from collections import defaultdict
+import warnings
+from collections import defaultdict, deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,12 +54,14 @@ from cloudckpt.errors import (
     InvalidURIError,
     ItemKindMismatchError,
     ObjectNotFoundError,
+    PeerReadError,
     UnsafePathError,
 )
 from cloudckpt.manifest import ItemFacts, Manifest, check_metadata_bytes, find_manifest
+from cloudckpt.read_sharing import SharePlan, find_span, merge_ranges, plan_sharing
 from cloudckpt.safe_pickle import MAX_METADATA_BYTES, load_metadata
 from cloudckpt.store import ObjectStore, open_store
-from cloudckpt.transfer import TransferEngine, TransferOptions, coalesce_ranges, default_world_size
+from cloudckpt.transfer import TransferEngine, TransferOptions, default_world_size
 from cloudckpt.uri import StorageURI, parse_uri
 
 __all__ = ["CloudStorageReader", "S3StorageReader", "GCSStorageReader", "LocalStorageReader", "reader_for",
@@ -73,13 +83,15 @@ class CloudStorageReader(StorageReader):
 
     def __init__(
         self,
-        checkpoint_id: "str | os.PathLike[str] | None" = None,
+        checkpoint_id: str | os.PathLike[str] | None = None,
         *,
         max_concurrency: int | None = None,
         read_gap_threshold: int | None = None,
         transfer_options: TransferOptions | None = None,
         verify: bool = True,
         allow_pickle: bool = False,
+        share_reads: bool | None = None,
+        process_group: Any = None,
         **store_options: Any,
     ) -> None:
         super().__init__()
@@ -90,6 +102,11 @@ class CloudStorageReader(StorageReader):
         self.verify = verify
         #: Unpickle byte items with plain pickle (runs whatever code they name): trusted checkpoints only.
         self.allow_pickle = allow_pickle
+        #: Read each byte range once per job and share it over the process group
+        #: (None: for S3 and GCS, not for local paths; False: every rank reads its own items).
+        self.share_reads = share_reads
+        #: The load's process group (None: the default group); reads are shared on it.
+        self.process_group = process_group
         self._store_options = store_options
         self._store: ObjectStore | None = None
         self.uri: StorageURI | None = None
@@ -105,6 +122,7 @@ class CloudStorageReader(StorageReader):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_store"] = None
+        state["process_group"] = None  # a live group does not travel to another process
         return state
 
     @property
@@ -117,7 +135,7 @@ class CloudStorageReader(StorageReader):
         return self._store
 
     # -- StorageReader API --------------------------------------------------------------
-    def reset(self, checkpoint_id: "str | os.PathLike[str] | None" = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Point the reader at a checkpoint."""
         if checkpoint_id is not None:
             uri = parse_uri(checkpoint_id)
@@ -134,7 +152,7 @@ class CloudStorageReader(StorageReader):
         self._facts = {}
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: "str | os.PathLike[str]") -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         """True if ``checkpoint_id`` parses and matches this reader's scheme."""
         try:
             uri = parse_uri(checkpoint_id)
@@ -195,9 +213,87 @@ class CloudStorageReader(StorageReader):
         """Nothing to add per rank."""
         return plan
 
+    # -- reading ----------------------------------------------------------------------------
+    def _sharing_wanted(self, world: int) -> bool:
+        """Whether a load planned over ``world`` ranks shares reads over the process group."""
+        share = self.share_reads if self.share_reads is not None else (self.uri is not None
+                                                                         and not self.uri.is_local)
+        if not share or world < 2:
+            return False
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        try:
+            return dist.get_world_size(self.process_group) == world
+        except (RuntimeError, ValueError):  # not a member of the group, or a destroyed group
+            return False
+
+    def _plan_item(self, req: ReadItem) -> tuple[str, int, int, Any] | None:
+        """``(relative path, start, end, how)`` of the bytes ``req`` needs; None for an empty tensor.
+
+        Pure function of the metadata and manifest, so the coordinator computes
+        every rank's ranges exactly as each rank does.
+        """
+        assert self.metadata is not None and self.uri is not None
+        info = self.metadata.storage_data.get(req.storage_index)
+        if info is None:
+            where = self.store.url(self.uri.key(layout.METADATA_NAME))
+            raise IntegrityError(f"{where} has no storage entry for item {req.storage_index.fqn!r} "
+                                 f"(offset {req.storage_index.offset}); the metadata is incomplete or corrupt")
+        rel = info.relative_path
+        facts = self._facts.get((rel, info.offset))
+        if req.type == LoadItemType.BYTE_IO or facts is None or facts.payload_offset is None \
+                or getattr(info, "transform_descriptors", None):
+            # Whole stored item: byte items, records of other writers, and transformed
+            # (e.g. compressed) items, which are decoded whole before parsing.
+            return rel, info.offset, info.offset + info.length, ("item", info, facts)
+        # cloudckpt-written dense tensor: fetch only the payload bytes needed.
+        dtype, sizes = self._chunk_meta(req)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        strides = _row_major(sizes)
+        stored = math.prod(sizes)
+        payload_start = info.offset + facts.payload_offset
+        if facts.payload_offset + stored * itemsize > info.length:
+            raise IntegrityError(
+                f"the manifest places item {req.storage_index.fqn!r}'s payload at [{payload_start}, "
+                f"{payload_start + stored * itemsize}) of {self.store.url(self.uri.key(rel))}, past the item's "
+                f"end ({info.offset + info.length}); the checkpoint is corrupt or was tampered with")
+        if math.prod(req.lengths) == 0:
+            return None
+        first = sum(o * st for o, st in zip(req.storage_offsets, strides))
+        last = sum((o + n - 1) * st for o, n, st in zip(req.storage_offsets, req.lengths, strides))
+        full = list(req.storage_offsets) == [0] * len(sizes) and list(req.lengths) == list(sizes)
+        return (rel, payload_start + first * itemsize, payload_start + (last + 1) * itemsize,
+                ("span", dtype, sizes, strides, first, full, facts.payload_crc32c))
+
+    def _local_needs(self, items: list[tuple[str, int, int, Any] | None]) -> list[tuple[str, int, int]]:
+        """This rank's buffers: its item ranges per object, coalesced (gap and size from the options)."""
+        opts = self.transfer_options
+        by_rel: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for it in items:
+            if it is not None:
+                by_rel[it[0]].append((it[1], it[2]))
+        return [(rel, s, e) for rel in sorted(by_rel)
+                for s, e in merge_ranges(by_rel[rel], opts.read_gap_threshold, opts.max_read_size)]
+
+    def _round_bytes(self) -> int:
+        opts = self.transfer_options
+        # A round holds about concurrency x max read size of buffers per rank, whatever the checkpoint size.
+        return max(opts.max_read_size * opts.max_concurrency, opts.max_read_size)
+
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        """Nothing to add globally."""
-        return plans
+        """Give every byte range the job needs to exactly one reading rank (when sharing reads).
+
+        Each plan gets a :class:`~cloudckpt.read_sharing.SharePlan` in its
+        ``storage_data``: the rank's buffers, and per round the pieces it
+        fetches from the store or receives from another rank.
+        """
+        if not self._sharing_wanted(len(plans)):
+            return plans
+        needs = [self._local_needs([self._plan_item(req) for req in p.items]) for p in plans]
+        shares = plan_sharing(needs, round_bytes=self._round_bytes(), max_piece=self.transfer_options.max_read_size)
+        return [dataclasses.replace(p, storage_data=sp) for p, sp in zip(plans, shares)]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Fetch every item of ``plan`` and hand it to ``planner``; complete (or failed) on return."""
@@ -209,74 +305,52 @@ class CloudStorageReader(StorageReader):
             fut.set_exception(exc)
         return fut
 
-    # -- reading ----------------------------------------------------------------------------
     def _read(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         assert self.metadata is not None and self.uri is not None
-        self._check_kinds(plan, planner)
-        located = self._locate(plan)
+        share = plan.storage_data if isinstance(plan.storage_data, SharePlan) else None
+        group = None
+        error: BaseException | None = None
+        items: list[tuple[str, int, int, Any] | None] = []
+        keys: dict[str, str] = {}
+        try:
+            if share is not None:
+                group = self._share_group(share)
+            self._check_kinds(plan, planner)
+            for req, (info, key) in zip(plan.items, self._locate(plan)):
+                keys[info.relative_path] = key
+                items.append(self._plan_item(req))
+        except Exception as exc:
+            if share is None:
+                raise
+            error = exc
+        if share is None:
+            share = plan_sharing([self._local_needs(items)], round_bytes=self._round_bytes(),
+                                 max_piece=self.transfer_options.max_read_size)[0]
         # The world size sets this rank's share of the read rate (see plan_read_pacing).
         engine = TransferEngine(self.store, self.transfer_options, world_size=default_world_size())
-        direct: list[tuple[str, int, memoryview]] = []
-        direct_done: list[tuple[ReadItem, torch.Tensor, Any, int | None]] = []
-        ranged: dict[str, list[tuple[int, int, ReadItem, Any]]] = defaultdict(list)
-        for req, (info, key) in zip(plan.items, located):
-            rel = info.relative_path
-            facts = self._facts.get((rel, info.offset))
-            # Transformed (e.g. compressed) items are fetched whole and decoded in _deliver.
-            if req.type == LoadItemType.BYTE_IO or facts is None or facts.payload_offset is None \
-                    or getattr(info, "transform_descriptors", None):
-                ranged[key].append((info.offset, info.offset + info.length, req, ("item", info, facts)))
-                continue
-            # cloudckpt-written dense tensor: fetch only the payload bytes needed.
-            chunk = self._chunk_meta(req)
-            itemsize = torch.empty((), dtype=chunk[0]).element_size()
-            sizes = chunk[1]
-            strides = _row_major(sizes)
-            first = sum(o * s for o, s in zip(req.storage_offsets, strides))
-            last = sum((o + n - 1) * s for o, n, s in zip(req.storage_offsets, req.lengths, strides))
-            numel = 1
-            for n in req.lengths:
-                numel *= n
-            payload_start = info.offset + facts.payload_offset
-            stored = 1
-            for n in sizes:
-                stored *= n
-            if facts.payload_offset + stored * itemsize > info.length:
-                raise IntegrityError(
-                    f"the manifest places item {req.storage_index.fqn!r}'s payload at [{payload_start}, "
-                    f"{payload_start + stored * itemsize}) of {self.store.url(key)}, past the item's end "
-                    f"({info.offset + info.length}); the checkpoint is corrupt or was tampered with")
-            full = list(req.storage_offsets) == [0] * len(sizes) and list(req.lengths) == list(sizes)
-            if numel == 0:
-                target = planner.resolve_tensor(req)
-                planner.commit_tensor(req, target)
-                continue
-            span = (first * itemsize, (last + 1) * itemsize)
-            # Payloads smaller than the coalescing gap are cheaper merged with their
-            # neighbours into one request than fetched one request each.
-            if full and numel * itemsize >= self.transfer_options.read_gap_threshold:
-                target = planner.resolve_tensor(req).detach()
-                if target.device.type == "cpu" and target.is_contiguous() and target.dtype == chunk[0] \
-                        and target.numel() == numel:
-                    # Straight from the socket into the target tensor: no buffer, no copy.
-                    direct.append((key, payload_start, writable_bytes(target)))
-                    direct_done.append((req, target, info, facts.payload_crc32c))
-                    continue
-            ranged[key].append((payload_start + span[0], payload_start + span[1], req,
-                                ("span", chunk[0], sizes, strides, first, full, facts.payload_crc32c)))
+        load = _RankLoad(self, share, planner, engine, keys, group)
+        leftovers = load.attach(plan.items, items) if error is None else []
+        load.run(error)
+        if leftovers:
+            # Items the coordinator's plan did not cover (a planner that changed the plan
+            # after prepare_global_plan): read them here, after every collective.
+            rest = plan_sharing([self._local_needs([it for _, it in leftovers])], round_bytes=self._round_bytes(),
+                                max_piece=self.transfer_options.max_read_size)[0]
+            extra = _RankLoad(self, rest, planner, engine, keys, None)
+            extra.attach([req for req, _ in leftovers], [it for _, it in leftovers])
+            extra.run(None)
 
-        engine.download_ranges(direct)
-        for req, target, info, payload_crc in direct_done:
-            if self.verify and payload_crc is not None:
-                got = crc.crc32c(writable_bytes(target))
-                if got != payload_crc:
-                    raise IntegrityError(
-                        f"checksum mismatch in {self.store.url(self.uri.key(info.relative_path))} for item "
-                        f"{req.storage_index.fqn!r} (offset {info.offset}): stored bytes are corrupt; "
-                        "restore the object or load an earlier checkpoint"
-                    )
-            planner.commit_tensor(req, target)
-        self._read_ranged(ranged, engine, planner)
+    def _share_group(self, share: SharePlan) -> Any:
+        """The process group reads are shared on (a gloo group when the load's group cannot carry CPU tensors)."""
+        import torch.distributed as dist
+
+        group = self.process_group
+        rank = dist.get_rank(group)
+        if rank != share.rank or dist.get_world_size(group) != share.world:
+            raise PeerReadError(f"this process is rank {rank} of {dist.get_world_size(group)} but the load plan "
+                                f"was made for rank {share.rank} of {share.world}; pass the load's process_group "
+                                "to the storage reader")
+        return _cpu_group(group)
 
     def _check_kinds(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         """Refuse items whose stored kind (tensor or pickled bytes) differs from the caller's value.
@@ -361,38 +435,23 @@ class CloudStorageReader(StorageReader):
             sizes[key] = info.size
         return sizes
 
-    def _read_ranged(self, ranged: dict[str, list[tuple[int, int, ReadItem, Any]]], engine: TransferEngine,
-                     planner: LoadPlanner) -> None:
-        opts = self.transfer_options
-        # Fetch in batches so a load never holds more than ~concurrency x max read size
-        # of download buffers, whatever the checkpoint size.
-        budget = max(opts.max_read_size * opts.max_concurrency, opts.max_read_size)
-        batch: list[tuple[str, int, memoryview]] = []
-        batch_members: list[tuple[bytearray, int, list[tuple[int, int, ReadItem, Any]]]] = []
-        size = 0
+    def _decode_item(self, data: memoryview, info: Any, url: str, req: ReadItem) -> memoryview:
+        """The whole stored item's bytes as the parser needs them (the stream-transform hook).
 
-        def flush() -> None:
-            nonlocal batch, batch_members, size
-            engine.download_ranges(batch)
-            for buf, start, members in batch_members:
-                view = memoryview(buf)
-                for s, e, req, how in members:
-                    self._deliver(view[s - start:e - start], req, how, planner)
-            batch, batch_members, size = [], [], 0
+        Items with ``transform_descriptors`` are always fetched whole (see
+        :meth:`_plan_item`); they are decoded here (:mod:`cloudckpt.transforms`,
+        bounded by the item's declared size), before parsing. The manifest's
+        CRC32C, checked before this, covers the stored (encoded) bytes.
+        """
+        descriptors = getattr(info, "transform_descriptors", None)
+        if not descriptors:
+            return data
+        limit = transforms.decoded_limit(self.metadata, req.storage_index)
+        return memoryview(transforms.decode_item(data, descriptors, f"item {req.storage_index.fqn!r} in {url}",
+                                                 limit)).cast("B")
 
-        for key, reads in ranged.items():
-            merged = coalesce_ranges([(s, e) for s, e, _, _ in reads], opts.read_gap_threshold, opts.max_read_size)
-            for start, end, members in merged:
-                buf = bytearray(end - start)
-                batch.append((key, start, memoryview(buf)))
-                batch_members.append((buf, start, [reads[i] for i in members]))
-                size += end - start
-                if size >= budget:
-                    flush()
-        if batch:
-            flush()
-
-    def _deliver(self, data: memoryview, req: ReadItem, how: Any, planner: LoadPlanner) -> None:
+    def _deliver(self, data: memoryview, req: ReadItem, how: Any, planner: LoadPlanner,
+                 copier: _Copier | None = None) -> None:
         assert self.uri is not None
         if how[0] == "item":
             _, info, facts = how
@@ -403,9 +462,7 @@ class CloudStorageReader(StorageReader):
                     "are corrupt; restore the object or load an earlier checkpoint"
                 )
             url = self.store.url(self.uri.key(info.relative_path))
-            if getattr(info, "transform_descriptors", None):  # stream transforms (cloudckpt.transforms)
-                data = transforms.decode_item(data, info.transform_descriptors, f"item {req.storage_index.fqn!r} in "
-                                              f"{url}", transforms.decoded_limit(self.metadata, req.storage_index))
+            data = self._decode_item(data, info, url, req)
             if req.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(req, self._byte_stream(data, req.storage_index.fqn, url))
                 return
@@ -425,8 +482,6 @@ class CloudStorageReader(StorageReader):
                     f"for item {req.storage_index.fqn!r}: stored bytes are corrupt; restore the object or "
                     "load an earlier checkpoint"
                 )
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 flat = torch.frombuffer(data, dtype=dtype)
@@ -437,8 +492,11 @@ class CloudStorageReader(StorageReader):
                 f"item {req.storage_index.fqn!r} has shape {tuple(tensor.size())} in storage but "
                 f"{tuple(target.size())} was requested; the checkpoint metadata and data disagree"
             )
-        target.copy_(tensor)
-        planner.commit_tensor(req, target)
+        if copier is None:
+            target.copy_(tensor)
+            planner.commit_tensor(req, target)
+        else:
+            copier.copy(req, target, tensor)
 
     def _byte_stream(self, data: memoryview, fqn: str, url: str) -> io.BytesIO:
         """What the planner's ``load_bytes`` gets: the stored bytes only if pickle is allowed.
@@ -502,6 +560,333 @@ class CheckedLoadPlanner(DefaultLoadPlanner):
         return super().create_local_plan()
 
 
+class _Copier:
+    """Copies loaded tensors into their targets: CPU targets in place; CUDA targets without blocking.
+
+    CUDA targets are filled from pinned host buffers with non-blocking copies on
+    a side stream, so the next reads overlap the copies. A buffer is kept (and
+    then reused) until the copies from it finished; at most ``max_inflight``
+    bytes of buffers wait for copies, which bounds host memory. Commits of CUDA
+    targets wait until :meth:`finish` synchronised the side stream.
+    """
+
+    def __init__(self, planner: LoadPlanner, *, pinned: bool, max_inflight: int) -> None:
+        self.planner = planner
+        self.pinned = pinned
+        self.max_inflight = max_inflight
+        self._streams: dict[Any, Any] = {}
+        self._inflight: deque[tuple[Any, torch.Tensor]] = deque()
+        self._inflight_bytes = 0
+        self._free: list[torch.Tensor] = []
+        self._deferred: list[tuple[ReadItem, torch.Tensor]] = []
+        #: Host buffers asked for, and allocated (pinned blocks are reused; for tests and benchmarks).
+        self.requested = 0
+        self.allocated = 0
+
+    def host_buffer(self, n: int) -> torch.Tensor:
+        """A host buffer of ``n`` bytes: a reused pinned block for CUDA loads, else a fresh CPU tensor."""
+        self.requested += 1
+        if not self.pinned:
+            self.allocated += 1
+            return torch.empty(n, dtype=torch.uint8)
+        fits = [b for b in self._free if b.numel() >= n]
+        if fits:
+            block = min(fits, key=lambda b: b.numel())
+            self._free.remove(block)
+            return block[:n]
+        self.allocated += 1
+        return torch.empty(max(n, 1 << 20), dtype=torch.uint8, pin_memory=True)[:n]
+
+    def _stream(self, device: torch.device) -> Any:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = torch.cuda.Stream(device=device)
+            self._streams[device] = stream
+        # Copies into targets must follow whatever the caller's stream still does to them.
+        stream.wait_stream(torch.cuda.current_stream(device))
+        return stream
+
+    def copy(self, req: ReadItem, target: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Copy ``tensor`` (a view of a host buffer) into ``target`` and commit it (CUDA: after finish())."""
+        if target.device.type != "cuda":
+            target.copy_(tensor)
+            self.planner.commit_tensor(req, target)
+            return
+        with torch.cuda.stream(self._stream(target.device)):
+            target.copy_(tensor, non_blocking=True)
+        self._deferred.append((req, target))
+
+    def release(self, buf: torch.Tensor) -> None:
+        """``buf`` is no longer read by the loader; reuse it once copies from it are done."""
+        if not self.pinned or not self._streams:
+            if self.pinned:
+                self._free.append(_base(buf))
+            return
+        events = []
+        for stream in self._streams.values():
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            events.append(ev)
+        block = _base(buf)
+        self._inflight.append((events, block))
+        self._inflight_bytes += block.numel()
+        while self._inflight_bytes > self.max_inflight and self._inflight:
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        events, block = self._inflight.popleft()
+        for ev in events:
+            ev.synchronize()
+        self._inflight_bytes -= block.numel()
+        self._free.append(block)
+
+    def finish(self) -> None:
+        """Wait for every device copy, then commit the targets they filled."""
+        for stream in self._streams.values():
+            stream.synchronize()
+        while self._inflight:
+            self._reclaim()
+        deferred, self._deferred = self._deferred, []
+        for req, target in deferred:
+            self.planner.commit_tensor(req, target)
+
+
+def _base(buf: torch.Tensor) -> torch.Tensor:
+    """The whole pinned block a buffer view was cut from."""
+    return buf._base if buf._base is not None else buf  # type: ignore[return-value]
+
+
+def _wants_pinned(planner: LoadPlanner) -> bool:
+    """Whether the state dict being loaded holds CUDA tensors (then host buffers are pinned)."""
+    if not torch.cuda.is_available():
+        return False
+    targets = getattr(planner, "state_dict", None)
+    if not isinstance(targets, Mapping):
+        return True
+    return any(isinstance(v, torch.Tensor) and v.device.type == "cuda" for v in targets.values())
+
+
+class _RankLoad:
+    """One rank's part of one load: its buffers and the pieces it fetches, sends and receives, round by round.
+
+    Every rank of a shared load runs the same rounds and, in each, the same
+    collectives in the same order: an all-reduce of "did anyone fail" (so a
+    rank that failed to read stops every rank instead of leaving peers waiting
+    for its bytes), then the point-to-point sends and receives of the round's
+    pieces. A rank's buffers are delivered to its targets as soon as all their
+    pieces arrived.
+    """
+
+    def __init__(self, reader: CloudStorageReader, share: SharePlan, planner: LoadPlanner, engine: TransferEngine,
+                 keys: dict[str, str], group: Any) -> None:
+        self.reader = reader
+        self.share = share
+        self.planner = planner
+        self.engine = engine
+        self.keys = keys
+        self.group = group  # None: the default group (used only when the plan is shared)
+        self.needs = share.needs
+        self._spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self._index: dict[str, list[int]] = defaultdict(list)
+        for i, (rel, s, e) in enumerate(self.needs):
+            self._spans[rel].append((s, e))
+            self._index[rel].append(i)
+        self._starts = {rel: [s for s, _ in spans] for rel, spans in self._spans.items()}
+        self.members: list[list[tuple[int, int, ReadItem, Any]]] = [[] for _ in self.needs]
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.direct: dict[int, tuple[ReadItem, torch.Tensor, int | None]] = {}
+        self.pending = [0] * len(self.needs)
+        for rnd in share.rounds:
+            for p in rnd:
+                self.pending[self._need_of(p.rel, p.start, p.end, strict=True)] += 1  # type: ignore[index]
+        opts = reader.transfer_options
+        self.copier = _Copier(planner, pinned=_wants_pinned(planner),
+                              max_inflight=2 * max(opts.max_read_size * opts.max_concurrency, opts.max_read_size))
+
+    def _need_of(self, rel: str, start: int, end: int, *, strict: bool = False) -> int | None:
+        spans = self._spans.get(rel)
+        i = find_span(self._starts[rel], spans, start, end) if spans else None
+        if i is None:
+            if strict:
+                raise PeerReadError(f"the load plan sends bytes [{start}, {end}) of {rel!r} to rank "
+                                    f"{self.share.rank}, outside its buffers; the plan is inconsistent")
+            return None
+        return self._index[rel][i]
+
+    def attach(self, reqs: list[ReadItem], items: list[tuple[str, int, int, Any] | None]
+               ) -> list[tuple[ReadItem, tuple[str, int, int, Any]]]:
+        """Map each item to the buffer holding its bytes; return the items no buffer holds."""
+        leftovers = []
+        for req, it in zip(reqs, items):
+            if it is None:  # an empty tensor: nothing to read
+                self.planner.commit_tensor(req, self.planner.resolve_tensor(req))
+                continue
+            i = self._need_of(it[0], it[1], it[2])
+            if i is None or not self.pending[i]:
+                leftovers.append((req, it))
+                continue
+            self.members[i].append((it[1], it[2], req, it[3]))
+        return leftovers
+
+    def run(self, error: BaseException | None) -> None:
+        """Fetch, exchange and deliver round by round; raise this rank's error, or PeerReadError for another's."""
+        peer_failed = False
+        try:
+            for rnd in self.share.rounds:
+                if error is None:
+                    try:
+                        self._fetch(rnd)
+                    except Exception as exc:  # noqa: BLE001 - reported to the peers below
+                        error = exc
+                if self.share.shared:
+                    if self._anyone_failed(error is not None):
+                        peer_failed = error is None
+                        break
+                    self._exchange(rnd)
+                if error is None:
+                    try:
+                        self._deliver_round(rnd)
+                    except Exception as exc:  # noqa: BLE001 - reported to the peers at the next round
+                        error = exc
+        finally:
+            self.copier.finish()
+        if error is not None:
+            raise error
+        if peer_failed:
+            raise PeerReadError(f"rank {self.share.rank} stopped loading from {self.reader.uri}: another rank "
+                                "failed to read its part of the checkpoint (its error is reported by that rank)")
+
+    def _buffer(self, i: int) -> torch.Tensor:
+        buf = self.buffers.get(i)
+        if buf is not None:
+            return buf
+        rel, s, e = self.needs[i]
+        members = self.members[i]
+        buf = None
+        if len(members) == 1 and members[0][:2] == (s, e) and members[0][3][0] == "span" and members[0][3][5]:
+            _, _, req, how = members[0]
+            target = self.planner.resolve_tensor(req).detach()
+            if target.device.type == "cpu" and target.is_contiguous() and target.dtype == how[1] \
+                    and target.numel() * target.element_size() == e - s:
+                # Straight from the socket (or the peer) into the target tensor: no buffer, no copy.
+                buf = target.reshape(-1).view(torch.uint8)
+                self.direct[i] = (req, target, how[6])
+        if buf is None:
+            buf = self.copier.host_buffer(e - s)
+        self.buffers[i] = buf
+        return buf
+
+    def _key(self, rel: str) -> str:
+        key = self.keys.get(rel)
+        if key is None:
+            assert self.reader.uri is not None
+            key = self.keys[rel] = self.reader._object_key(
+                rel, self.reader.store.url(self.reader.uri.key(layout.METADATA_NAME)))
+        return key
+
+    def _fetch(self, rnd: list) -> None:
+        """GET the round's pieces this rank owns (contiguous pieces of one buffer in one request)."""
+        gets: list[list[Any]] = []  # [buffer index, start, end]
+        for p in rnd:
+            if p.owner != self.share.rank:
+                continue
+            i = self._need_of(p.rel, p.start, p.end, strict=True)
+            if gets and gets[-1][0] == i and gets[-1][2] == p.start:
+                gets[-1][2] = p.end
+            else:
+                gets.append([i, p.start, p.end])
+        reads = []
+        for i, start, end in gets:
+            rel, s, _ = self.needs[i]
+            view = writable_bytes(self._buffer(i))[start - s:end - s]
+            reads.append((self._key(rel), start, view))
+        self.engine.download_ranges(reads)
+
+    def _anyone_failed(self, failed: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def _exchange(self, rnd: list) -> None:
+        """Send the pieces this rank fetched to the other ranks that need them; receive the rest."""
+        import torch.distributed as dist
+
+        me = self.share.rank
+        works = []
+        for p in rnd:
+            if len(p.needers) == 1:
+                continue
+            i = self._need_of(p.rel, p.start, p.end, strict=True)
+            s = self.needs[i][1]
+            view = self._buffer(i)[p.start - s:p.end - s]
+            if p.owner == me:
+                for r in p.needers:
+                    if r != me:
+                        works.append(dist.isend(view, dst=_global_rank(self.group, r), group=self.group, tag=p.tag))
+            else:
+                works.append(dist.irecv(view, src=_global_rank(self.group, p.owner), group=self.group, tag=p.tag))
+        for w in works:
+            w.wait()
+
+    def _deliver_round(self, rnd: list) -> None:
+        done = []
+        for p in rnd:
+            i = self._need_of(p.rel, p.start, p.end, strict=True)
+            self.pending[i] -= 1
+            if not self.pending[i]:
+                done.append(i)
+        for i in done:
+            self._deliver_buffer(i)
+
+    def _deliver_buffer(self, i: int) -> None:
+        reader = self.reader
+        assert reader.uri is not None
+        buf = self.buffers.pop(i)
+        direct = self.direct.pop(i, None)
+        if direct is not None:
+            req, target, payload_crc = direct
+            if reader.verify and payload_crc is not None and crc.crc32c(writable_bytes(target)) != payload_crc:
+                raise IntegrityError(
+                    f"checksum mismatch in {reader.store.url(self._key(self.needs[i][0]))} for item "
+                    f"{req.storage_index.fqn!r}: stored bytes are corrupt; restore the object or load an "
+                    "earlier checkpoint")
+            self.planner.commit_tensor(req, target)
+            return
+        view = writable_bytes(buf)
+        s = self.needs[i][1]
+        for start, end, req, how in self.members[i]:
+            reader._deliver(view[start - s:end - s], req, how, self.planner, self.copier)
+        self.members[i] = []
+        self.copier.release(buf)
+
+
+def _global_rank(group: Any, rank: int) -> int:
+    import torch.distributed as dist
+
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+#: gloo groups made for loads whose group cannot carry CPU tensors (NCCL), by the group they mirror.
+_CPU_GROUPS: dict[Any, Any] = {}
+
+
+def _cpu_group(group: Any) -> Any:
+    """``group`` if it carries CPU tensors, else a gloo group of the same ranks (made once per process)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return group
+    key = "world" if group is None else id(group)
+    if key not in _CPU_GROUPS:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        # Collective: every rank of the load reaches this point in the same load (the plan says to share).
+        _CPU_GROUPS[key] = dist.new_group(ranks=ranks, backend="gloo")
+    return _CPU_GROUPS[key]
+
+
 def _row_major(sizes: list[int]) -> list[int]:
     strides, acc = [], 1
     for s in reversed(sizes):
@@ -517,7 +902,7 @@ class S3StorageReader(CloudStorageReader):
 
     def __init__(
         self,
-        checkpoint_id: "str | os.PathLike[str] | None" = None,
+        checkpoint_id: str | os.PathLike[str] | None = None,
         *,
         endpoint_url: str | None = None,
         region: str | None = None,
@@ -526,10 +911,13 @@ class S3StorageReader(CloudStorageReader):
         transfer_options: TransferOptions | None = None,
         verify: bool = True,
         allow_pickle: bool = False,
+        share_reads: bool | None = None,
+        process_group: Any = None,
         **client_options: Any,
     ) -> None:
         super().__init__(checkpoint_id, max_concurrency=max_concurrency, read_gap_threshold=read_gap_threshold,
                          transfer_options=transfer_options, verify=verify, allow_pickle=allow_pickle,
+                         share_reads=share_reads, process_group=process_group,
                          endpoint_url=endpoint_url,
                          region=region, **client_options)
 
@@ -541,7 +929,7 @@ class GCSStorageReader(CloudStorageReader):
 
     def __init__(
         self,
-        checkpoint_id: "str | os.PathLike[str] | None" = None,
+        checkpoint_id: str | os.PathLike[str] | None = None,
         *,
         client: Any = None,
         project: str | None = None,
@@ -550,6 +938,8 @@ class GCSStorageReader(CloudStorageReader):
         transfer_options: TransferOptions | None = None,
         verify: bool = True,
         allow_pickle: bool = False,
+        share_reads: bool | None = None,
+        process_group: Any = None,
         **store_options: Any,
     ) -> None:
         if client is not None:
@@ -558,7 +948,7 @@ class GCSStorageReader(CloudStorageReader):
             store_options["project"] = project
         super().__init__(checkpoint_id, max_concurrency=max_concurrency, read_gap_threshold=read_gap_threshold,
                          transfer_options=transfer_options, verify=verify, allow_pickle=allow_pickle,
-                         **store_options)
+                         share_reads=share_reads, process_group=process_group, **store_options)
 
 
 class LocalStorageReader(CloudStorageReader):
@@ -574,7 +964,7 @@ _READERS: dict[str, type[CloudStorageReader]] = {
 }
 
 
-def reader_for(uri: "str | os.PathLike[str] | StorageURI", **options: Any) -> CloudStorageReader:
+def reader_for(uri: str | os.PathLike[str] | StorageURI, **options: Any) -> CloudStorageReader:
     """The DCP StorageReader for ``uri``: S3 for ``s3://``, GCS for ``gs://``, local otherwise."""
     u = parse_uri(uri)
     return _READERS[u.scheme](str(u), **options)

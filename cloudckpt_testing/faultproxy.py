@@ -63,9 +63,10 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "FaultRule",
     "ThrottleRule",
     "FaultProxy",
+    "ServedRead",
     "classify",
     "is_ranged",
     "object_key",
@@ -588,7 +590,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # bursts of parallel uploads must not get refused
 
-    def __init__(self, addr: tuple[str, int], proxy: "FaultProxy") -> None:
+    def __init__(self, addr: tuple[str, int], proxy: FaultProxy) -> None:
         self.proxy = proxy
         super().__init__(addr, _Handler)
 
@@ -629,7 +631,7 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """No access log: tests make thousands of requests."""
 
     def handle_expect_100(self) -> bool:
@@ -648,6 +650,7 @@ class _Handler(BaseHTTPRequestHandler):
         op = classify(self.command, path, query, self._h, api=proxy._api)
         ranged = "range" in self._h
         self._op = op
+        self._target = target
         try:
             decision = proxy._decide(op, self.command, target, path, query, ranged)
             if decision is None:
@@ -839,9 +842,12 @@ class _Handler(BaseHTTPRequestHandler):
         close = self.close_connection or framing == "eof"
         self._response_started = True
         self._write(self._response_head(resp, close))
-        for wire, _ in _upstream_errors(self._response_pieces(resp)):
+        served = 0
+        for wire, n in _upstream_errors(self._response_pieces(resp)):
             self._write(wire)
+            served += n
         self._finish_upstream(resp)
+        self.server.proxy._count_served(self._op, self.command, self._target, self._h.get("range"), served)
         if close:
             self.close_connection = True
 
@@ -944,6 +950,25 @@ def _wait_sent(sock: socket.socket, timeout: float = 1.0) -> None:
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServedRead:
+    """One GET the proxy relayed in full: its op, object, ``Range`` header (None: whole) and body bytes."""
+
+    op: str
+    bucket: str
+    key: str
+    range: str | None
+    nbytes: int
+
+    def span(self) -> tuple[int, int] | None:
+        """``(first, end)`` byte offsets of a ``bytes=a-b`` range read, else None."""
+        m = re.fullmatch(r"\s*bytes=(\d+)-(\d*)\s*", self.range or "")
+        if m is None:
+            return None
+        first = int(m.group(1))
+        return first, first + self.nbytes
+
+
 class FaultProxy:
     """Fault-injecting reverse proxy in front of one upstream test server.
 
@@ -1012,7 +1037,7 @@ class FaultProxy:
             raise RuntimeError("FaultProxy is not running; call start() first")
         return int(self._server.server_address[1])
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         """Bind and serve in a daemon thread; returns self."""
         if self._server is not None:
             return self
@@ -1053,7 +1078,7 @@ class FaultProxy:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         """Start the proxy (``with FaultProxy(...) as proxy:``)."""
         return self.start()
 
@@ -1095,6 +1120,8 @@ class FaultProxy:
             self._faults: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             self._throttled: dict[str, int] = defaultdict(int)
             self._injected = 0
+            self._served: dict[str, int] = defaultdict(int)
+            self._reads: list[ServedRead] = []
 
     @property
     def injected(self) -> int:
@@ -1117,7 +1144,19 @@ class FaultProxy:
                 "faults": {op: dict(kinds) for op, kinds in self._faults.items()},
                 "throttled": dict(self._throttled),
                 "injected": self._injected,
+                "served_bytes": dict(self._served),
             }
+
+    @property
+    def served_bytes(self) -> int:
+        """Response body bytes the proxy relayed in full to clients (all ops), since the last reset."""
+        with self._lock:
+            return sum(self._served.values())
+
+    def reads(self) -> list[ServedRead]:
+        """Every GET relayed in full since the last reset, in completion order (see :class:`ServedRead`)."""
+        with self._lock:
+            return list(self._reads)
 
     # --- internals used by the handler -------------------------------------
 
@@ -1134,6 +1173,14 @@ class FaultProxy:
     def _track_upstream(self, conn: http.client.HTTPConnection, *, add: bool) -> None:
         with self._lock:
             (self._upconns.add if add else self._upconns.discard)(conn)
+
+    def _count_served(self, op: str, method: str, target: str, range_header: str | None, nbytes: int) -> None:
+        with self._lock:
+            self._served[op] += nbytes
+            if method == "GET":
+                path, _, query = target.partition("?")
+                bucket, key = object_key(path, query)
+                self._reads.append(ServedRead(op, bucket, key, range_header, nbytes))
 
     def _count_forwarded(self, op: str) -> None:
         with self._lock:

@@ -98,7 +98,7 @@ def _elementary(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, tuple
     bounds = sorted(set(starts) | set(ends))
     active: Counter[int] = Counter()
     out: list[tuple[int, int, tuple[int, ...]]] = []
-    for a, b in zip(bounds, bounds[1:] + [None], strict=True):  # type: ignore[operator]
+    for a, b in zip(bounds, bounds[1:] + [None], strict=True):
         for r in ends.get(a, ()):
             active[r] -= 1
             if not active[r]:

@@ -98,7 +98,7 @@ class CloudStorageReader(StorageReader):
         opts = transfer_options or TransferOptions()
         overrides = {k: v for k, v in (("max_concurrency", max_concurrency),
                                        ("read_gap_threshold", read_gap_threshold)) if v is not None}
-        self.transfer_options = dataclasses.replace(opts, **overrides)
+        self.transfer_options = dataclasses.replace(opts, **overrides)  # type: ignore[arg-type]
         self.verify = verify
         #: Unpickle byte items with plain pickle (runs whatever code they name): trusted checkpoints only.
         self.allow_pickle = allow_pickle
@@ -186,7 +186,7 @@ class CloudStorageReader(StorageReader):
                 self.metadata_error = err
             raise
         self.metadata_error = None
-        if getattr(metadata, "storage_meta", None) is not None:
+        if metadata.storage_meta is not None:
             metadata.storage_meta.load_id = uuid.uuid4().hex
         self.metadata = metadata
         return metadata
@@ -261,8 +261,8 @@ class CloudStorageReader(StorageReader):
                 f"end ({info.offset + info.length}); the checkpoint is corrupt or was tampered with")
         if math.prod(req.lengths) == 0:
             return None
-        first = sum(o * st for o, st in zip(req.storage_offsets, strides))
-        last = sum((o + n - 1) * st for o, n, st in zip(req.storage_offsets, req.lengths, strides))
+        first = sum(o * st for o, st in zip(req.storage_offsets, strides, strict=True))
+        last = sum((o + n - 1) * st for o, n, st in zip(req.storage_offsets, req.lengths, strides, strict=True))
         full = list(req.storage_offsets) == [0] * len(sizes) and list(req.lengths) == list(sizes)
         return (rel, payload_start + first * itemsize, payload_start + (last + 1) * itemsize,
                 ("span", dtype, sizes, strides, first, full, facts.payload_crc32c))
@@ -293,7 +293,7 @@ class CloudStorageReader(StorageReader):
             return plans
         needs = [self._local_needs([self._plan_item(req) for req in p.items]) for p in plans]
         shares = plan_sharing(needs, round_bytes=self._round_bytes(), max_piece=self.transfer_options.max_read_size)
-        return [dataclasses.replace(p, storage_data=sp) for p, sp in zip(plans, shares)]
+        return [dataclasses.replace(p, storage_data=sp) for p, sp in zip(plans, shares, strict=True)]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Fetch every item of ``plan`` and hand it to ``planner``; complete (or failed) on return."""
@@ -302,7 +302,7 @@ class CloudStorageReader(StorageReader):
             self._read(plan, planner)
             fut.set_result(None)
         except BaseException as exc:  # noqa: BLE001 - DCP re-raises it on every rank
-            fut.set_exception(exc)
+            fut.set_exception(exc)  # type: ignore[arg-type]  # torch's Future takes any exception
         return fut
 
     def _read(self, plan: LoadPlan, planner: LoadPlanner) -> None:
@@ -316,7 +316,7 @@ class CloudStorageReader(StorageReader):
             if share is not None:
                 group = self._share_group(share)
             self._check_kinds(plan, planner)
-            for req, (info, key) in zip(plan.items, self._locate(plan)):
+            for req, (info, key) in zip(plan.items, self._locate(plan), strict=True):
                 keys[info.relative_path] = key
                 items.append(self._plan_item(req))
         except Exception as exc:
@@ -395,7 +395,7 @@ class CloudStorageReader(StorageReader):
                 keys[rel] = self._object_key(rel, where)
             located.append((info, keys[rel]))
         sizes = self._object_sizes(sorted(set(keys.values())), where)
-        for req, (info, key) in zip(plan.items, located):
+        for req, (info, key) in zip(plan.items, located, strict=True):
             if info.offset + info.length > sizes[key]:
                 raise IntegrityError(
                     f"{where} places item {req.storage_index.fqn!r} at bytes [{info.offset}, "
@@ -427,13 +427,17 @@ class CloudStorageReader(StorageReader):
             with ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-head") as pool:
                 infos = list(pool.map(self.store.head, keys))
         sizes: dict[str, int] = {}
-        for key, info in zip(keys, infos):
+        for key, info in zip(keys, infos, strict=True):
             if info is None:
                 raise ObjectNotFoundError(
                     f"{self.store.url(key)} does not exist (or is not a regular object), but {where} points at it; "
                     "the checkpoint is incomplete: restore the object or load an earlier checkpoint")
             sizes[key] = info.size
         return sizes
+
+    def _item_url(self, req: ReadItem) -> str:
+        assert self.metadata is not None and self.uri is not None
+        return self.store.url(self.uri.key(self.metadata.storage_data[req.storage_index].relative_path))
 
     def _decode_item(self, data: memoryview, info: Any, url: str, req: ReadItem) -> memoryview:
         """The whole stored item's bytes as the parser needs them (the stream-transform hook).
@@ -468,7 +472,7 @@ class CloudStorageReader(StorageReader):
                 return
             tensor = safe_pickle.load_tensor_record(data, fqn=req.storage_index.fqn, where=url)
             try:
-                for dim, (off, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+                for dim, (off, n) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
                     tensor = tensor.narrow(dim, off, n)
             except (RuntimeError, IndexError) as exc:
                 raise IntegrityError(
@@ -478,7 +482,7 @@ class CloudStorageReader(StorageReader):
             _, dtype, sizes, strides, first, full, payload_crc = how
             if self.verify and full and payload_crc is not None and crc.crc32c(data) != payload_crc:
                 raise IntegrityError(
-                    f"checksum mismatch in {self.store.url(self.uri.key(self.metadata.storage_data[req.storage_index].relative_path))} "  # type: ignore[union-attr]
+                    f"checksum mismatch in {self._item_url(req)} "
                     f"for item {req.storage_index.fqn!r}: stored bytes are corrupt; restore the object or "
                     "load an earlier checkpoint"
                 )
@@ -653,7 +657,7 @@ class _Copier:
 
 def _base(buf: torch.Tensor) -> torch.Tensor:
     """The whole pinned block a buffer view was cut from."""
-    return buf._base if buf._base is not None else buf  # type: ignore[return-value]
+    return buf._base if buf._base is not None else buf
 
 
 def _wants_pinned(planner: LoadPlanner) -> bool:
@@ -703,6 +707,12 @@ class _RankLoad:
         self.copier = _Copier(planner, pinned=_wants_pinned(planner),
                               max_inflight=2 * max(opts.max_read_size * opts.max_concurrency, opts.max_read_size))
 
+    def _need(self, rel: str, start: int, end: int) -> int:
+        """The buffer holding ``[start, end)`` of ``rel`` (PeerReadError if none: an inconsistent plan)."""
+        i = self._need_of(rel, start, end, strict=True)
+        assert i is not None
+        return i
+
     def _need_of(self, rel: str, start: int, end: int, *, strict: bool = False) -> int | None:
         spans = self._spans.get(rel)
         i = find_span(self._starts[rel], spans, start, end) if spans else None
@@ -717,7 +727,7 @@ class _RankLoad:
                ) -> list[tuple[ReadItem, tuple[str, int, int, Any]]]:
         """Map each item to the buffer holding its bytes; return the items no buffer holds."""
         leftovers = []
-        for req, it in zip(reqs, items):
+        for req, it in zip(reqs, items, strict=True):
             if it is None:  # an empty tensor: nothing to read
                 self.planner.commit_tensor(req, self.planner.resolve_tensor(req))
                 continue
@@ -790,7 +800,7 @@ class _RankLoad:
         for p in rnd:
             if p.owner != self.share.rank:
                 continue
-            i = self._need_of(p.rel, p.start, p.end, strict=True)
+            i = self._need(p.rel, p.start, p.end)
             if gets and gets[-1][0] == i and gets[-1][2] == p.start:
                 gets[-1][2] = p.end
             else:
@@ -818,7 +828,7 @@ class _RankLoad:
         for p in rnd:
             if len(p.needers) == 1:
                 continue
-            i = self._need_of(p.rel, p.start, p.end, strict=True)
+            i = self._need(p.rel, p.start, p.end)
             s = self.needs[i][1]
             view = self._buffer(i)[p.start - s:p.end - s]
             if p.owner == me:
@@ -828,12 +838,13 @@ class _RankLoad:
             else:
                 works.append(dist.irecv(view, src=_global_rank(self.group, p.owner), group=self.group, tag=p.tag))
         for w in works:
-            w.wait()
+            if w is not None:  # None on ranks outside the group, which never reach here
+                w.wait()
 
     def _deliver_round(self, rnd: list) -> None:
         done = []
         for p in rnd:
-            i = self._need_of(p.rel, p.start, p.end, strict=True)
+            i = self._need(p.rel, p.start, p.end)
             self.pending[i] -= 1
             if not self.pending[i]:
                 done.append(i)

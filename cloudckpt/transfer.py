@@ -21,16 +21,17 @@ request is idempotent: a part is re-sent from the caller's staged buffers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import queue
 import random
 import threading
 import time
-import queue
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from cloudckpt import crc, retry
 from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, EndpointUnreachableError, TransferError
@@ -272,7 +273,8 @@ class CopyOutcome:
         return sum(o.size for o in self.done)
 
 
-def _slice_segments(segments: Sequence[Buffer], starts: list[int], begin: int, end: int) -> list[tuple[int, memoryview]]:
+def _slice_segments(segments: Sequence[Buffer], starts: list[int], begin: int,
+                    end: int) -> list[tuple[int, memoryview]]:
     """Zero-copy pieces covering ``[begin, end)``: (object offset, memoryview)."""
     import bisect
 
@@ -675,7 +677,7 @@ class TransferEngine:
                                           requests=count_requests(sizes, part_size, self.store))
         return part_size
 
-    def _run_upload(self, objects: Sequence[ObjectUpload], part_size: int, coord: "_UploadCoordinator",
+    def _run_upload(self, objects: Sequence[ObjectUpload], part_size: int, coord: _UploadCoordinator,
                     pool: _Pool, deadline: float | None) -> dict[str, tuple[int, list[tuple[int, int, int]]]]:
         """Submit every task, wait for them in order; ``{key: (object CRC32C, piece CRCs)}``.
 
@@ -797,7 +799,7 @@ class TransferEngine:
                 outcome.done.append(UploadedObject(obj.key, obj.size, crcs[obj.key], tuple(pieces)))
         return outcome
 
-    def _run_copies(self, objects: Sequence[ObjectCopy], coord: "_UploadCoordinator", pool: _Pool,
+    def _run_copies(self, objects: Sequence[ObjectCopy], coord: _UploadCoordinator, pool: _Pool,
                     deadline: float | None) -> dict[str, int]:
         """Submit every copy task, wait for them; ``{key: CRC32C}`` of the copies that did not fall back."""
         failure = coord.failure
@@ -882,7 +884,7 @@ class TransferEngine:
 
 
 def abort_incomplete_uploads(store: ObjectStore, prefix: str, *, unless_exists: str | None = None,
-                             tokens: "Iterable[str] | None" = None, timeout: float = 30.0) -> int:
+                             tokens: Iterable[str] | None = None, timeout: float = 30.0) -> int:
     """Abort incomplete multipart uploads under ``prefix``; return how many. Never raises.
 
     With ``tokens``, only uploads of data objects whose name carries one of

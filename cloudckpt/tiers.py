@@ -1036,10 +1036,14 @@ class TieredCheckpoints:
         """Load the freshest step every rank can restore (local, then replicas, then the object store)."""
         self.wait_local()
         group = self.mgr.process_group
-        topo = self.topology(group)
         inventory = {s: m for s, p in local_steps(self.local_dir).items()
                      if (step is None or s == step) and (m := read_marker(p, s)) is not None}
-        gathered = _all_gather(inventory, group)
+        # One all-gather for the inventory and (on a fresh manager) the topology: each costs a round trip.
+        pairs = _all_gather(((self.identity.node, self.identity.local_rank), inventory), group)
+        if self._topology is None:
+            self._topology = Topology(tuple(p[0][0] for p in pairs), tuple(p[0][1] for p in pairs))
+        topo = self._topology
+        gathered = [p[1] for p in pairs]
         decision: Any = None
         if _rank(group) == 0:
             try:
@@ -1065,7 +1069,7 @@ class TieredCheckpoints:
 
     def _choose(self, topo: Topology, gathered: list[dict[int, dict]], step: int | None) -> tuple:
         """Rank 0: ("local", step, {node: ranks held}), ("store", step, uri) or ("none",)."""
-        from cloudckpt.manager import _committed_uri, committed_steps, step_prefixes
+        from cloudckpt.manager import _committed_uri, step_prefixes
 
         per_node: dict[int, dict[int, dict]] = {}
         for r, inv in enumerate(gathered):
@@ -1086,9 +1090,15 @@ class TieredCheckpoints:
         try:
             store = self.mgr.store
             if step is None:
-                found = committed_steps(store, self.mgr.root)
-                if found:
-                    store_step, store_uri = max(found.items())
+                # One listing, then a commit check only for steps newer than the local candidate, newest
+                # first: an older committed step could never be chosen, so checking it is wasted time.
+                dirs = step_prefixes(store, self.mgr.root)
+                floor = -1 if best_local is None else best_local[0]
+                for s in sorted((s for s in dirs if s > floor), reverse=True):
+                    store_uri = _committed_uri(store, dirs[s])
+                    if store_uri is not None:
+                        store_step = s
+                        break
             else:
                 store_uri = _committed_uri(store, step_prefixes(store, self.mgr.root).get(step, []))
                 store_step = step if store_uri is not None else None

@@ -160,7 +160,8 @@ def run(mib: int, nodes: int, ranks_per_node: int, server_kind: str, local_base:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     worst = {k: max(r[k] for r in rows) for k in rows[0] if k.endswith("_s") and rows[0][k] is not None}
-    return {"mib_per_rank": mib, "repeats": repeats, "nodes": nodes, "ranks_per_node": ranks_per_node, "server": server_kind,
+    return {"mib_per_rank": mib, "repeats": repeats, "nodes": nodes, "ranks_per_node": ranks_per_node,
+            "server": server_kind,
             "local_base": parent, "cpus": os.cpu_count(), "machine": platform.machine(),
             "slowest_rank": worst, "tiers": {k: rows[0][k] for k in rows[0] if k.endswith("_tier")},
             "per_rank": rows}

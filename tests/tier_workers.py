@@ -212,4 +212,4 @@ def signal_entry(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any
             dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         out.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-        raise SystemExit(1)
+        raise SystemExit(1) from None

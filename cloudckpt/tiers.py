@@ -980,40 +980,52 @@ class TieredCheckpoints:
 
     # -- preemption -------------------------------------------------------------------------------------
     def emergency_save(self, state_dict: dict[str, Any], step: int) -> Any:
-        """The save after a preemption notice: local tier and replicas first, then the object store if time allows."""
+        """The save after a preemption notice: local tier and replicas first, then the object store if time allows.
+
+        Every branch is agreed across ranks (all-gathers on the trainer's group), because the
+        persist that may follow is collective: a rank whose clock says "grace left" must never
+        start it while another skips it.
+        """
         from cloudckpt.api import save
 
         guard = self.mgr._preemption
+        group = self.mgr.process_group
+        # In-flight local saves are waited for in full, not for a share of the grace: they cannot be aborted
+        # half-way through replication, and the emergency save must never write into a step directory a
+        # background save is still writing or replicating. They are bounded by local disk and the network.
         with self._lock:
-            pending = list(self._local_pending)
+            pending, self._local_pending = self._local_pending, []
         done_same = None
         for h in pending:
             try:
-                meta = h.upload_completion.result(timeout=max((guard.remaining() or 0.0) / 2, 0.0))
+                meta = h.upload_completion.result()
                 if h.step == step:
                     done_same = meta
             except BaseException as exc:  # noqa: BLE001 - an earlier save's failure must not stop this one
-                log.warning("cloudckpt: local-tier save of step %d did not finish before the emergency save: %s",
+                log.warning("cloudckpt: local-tier save of step %d failed before the emergency save: %s",
                             h.step, exc)
-        with self._lock:
-            self._local_pending = [h for h in self._local_pending if not h.done()]
         self._setup()
-        group = self.mgr.process_group
         meta = done_same
-        if meta is None:
+        if not all(_all_gather(done_same is not None, group)):
+            log.warning("cloudckpt: emergency checkpoint of step %d to the local tier %s and its replicas",
+                        step, self.local_dir)
             path = self._prepare(step, group)
             meta = save(state_dict, path, storage_writer=self._writer(step), process_group=group)
             self._replicate(step, group)
         with self._lock:
             running = self._persisting.get(step)
-        left = guard.remaining() or 0.0
+        # One decision for every rank: wait for a background persist of this step wherever one runs,
+        # else persist now only if every rank still has grace left.
+        votes = _all_gather((guard.remaining() or 0.0, running is not None), group)
+        left = min(v[0] for v in votes)
         try:
-            if running is not None:
-                running.result(timeout=max(left, 0.0))
+            if any(v[1] for v in votes):
+                if running is not None:
+                    running.result(timeout=max(left, 0.0))
             elif left > 0:
                 self.persist(step, group, deadline=time.monotonic() + left)
             else:
-                raise DeadlineExceededError("no grace left")
+                raise DeadlineExceededError(f"the preemption grace ran out before step {step} could be persisted")
         except (CloudCheckpointError, concurrent.futures.TimeoutError) as exc:
             log.warning("cloudckpt: emergency step %d is in the local tier and its replicas but not in %s: %s",
                         step, self.mgr.root, exc)
@@ -1024,10 +1036,14 @@ class TieredCheckpoints:
         """Load the freshest step every rank can restore (local, then replicas, then the object store)."""
         self.wait_local()
         group = self.mgr.process_group
-        topo = self.topology(group)
         inventory = {s: m for s, p in local_steps(self.local_dir).items()
                      if (step is None or s == step) and (m := read_marker(p, s)) is not None}
-        gathered = _all_gather(inventory, group)
+        # One all-gather for the inventory and (on a fresh manager) the topology: each costs a round trip.
+        pairs = _all_gather(((self.identity.node, self.identity.local_rank), inventory), group)
+        if self._topology is None:
+            self._topology = Topology(tuple(p[0][0] for p in pairs), tuple(p[0][1] for p in pairs))
+        topo = self._topology
+        gathered = [p[1] for p in pairs]
         decision: Any = None
         if _rank(group) == 0:
             try:
@@ -1053,7 +1069,7 @@ class TieredCheckpoints:
 
     def _choose(self, topo: Topology, gathered: list[dict[int, dict]], step: int | None) -> tuple:
         """Rank 0: ("local", step, {node: ranks held}), ("store", step, uri) or ("none",)."""
-        from cloudckpt.manager import _committed_uri, committed_steps, step_prefixes
+        from cloudckpt.manager import _committed_uri, step_prefixes
 
         per_node: dict[int, dict[int, dict]] = {}
         for r, inv in enumerate(gathered):
@@ -1074,9 +1090,15 @@ class TieredCheckpoints:
         try:
             store = self.mgr.store
             if step is None:
-                found = committed_steps(store, self.mgr.root)
-                if found:
-                    store_step, store_uri = max(found.items())
+                # One listing, then a commit check only for steps newer than the local candidate, newest
+                # first: an older committed step could never be chosen, so checking it is wasted time.
+                dirs = step_prefixes(store, self.mgr.root)
+                floor = -1 if best_local is None else best_local[0]
+                for s in sorted((s for s in dirs if s > floor), reverse=True):
+                    store_uri = _committed_uri(store, dirs[s])
+                    if store_uri is not None:
+                        store_step = s
+                        break
             else:
                 store_uri = _committed_uri(store, step_prefixes(store, self.mgr.root).get(step, []))
                 store_step = step if store_uri is not None else None

@@ -6,11 +6,18 @@ One box: each "node" is a group of ranks with its own local_dir and torchrun-sty
 
 from __future__ import annotations
 
+import datetime
 import json
+import multiprocessing as mp
 import os
+import queue
 import shutil
+import signal
+import time
+from typing import Any
 
 import pytest
+import torch.distributed as dist
 
 from cloudckpt import layout
 from cloudckpt.tiers import Topology, clean_local_dir, local_steps, read_marker
@@ -150,3 +157,121 @@ def test_received_objects_are_published_only_with_the_manifest_checksum(tmp_path
     assert stream.left == 0 and len(stream.errors) == 1 and "__1_1.distcp" in stream.errors[0]
     assert os.listdir(tmp_path) == ["__1_0.distcp"]  # no temp file, no damaged object
     assert (tmp_path / "__1_0.distcp").read_bytes() == b"abcd"
+
+
+# -- the process executor (2 ranks as 2 nodes x 1) -------------------------------------------------------
+
+
+def test_async_save_through_process_executor(moto_server, tmp_path) -> None:
+    import cloudckpt
+
+    cfg = dict(_s3_root(moto_server), base=str(tmp_path / "local"), local_world=1, last=5)
+    saved = run_world(2, tier_workers.async_save_with_processes, cfg, timeout=TIMEOUT)
+    for r in saved:
+        # one long-lived checkpoint process per rank did every DCP write
+        assert r["children"] == 1 and r["child_pid"] not in (None, r["pid"]), r
+        assert r["replicated"] and r["persisted"] == {5: "committed"}, r
+        assert r["local"] == [layout.step_name(4), layout.step_name(5)], r
+    for n in (0, 1):
+        node = str(tmp_path / "local" / f"node{n}")
+        assert _steps(node) == {4: True, 5: True}
+        objs = {layout.parse_data_object_name(x)[0] for x in os.listdir(os.path.join(node, layout.step_name(5)))
+                if layout.parse_data_object_name(x)}
+        assert objs == {0, 1}  # its own rank's objects and its partner's replica
+    mgr = cloudckpt.CheckpointManager(cfg["root"], preemption=False, **cfg["store"])
+    assert mgr.steps() == [5]
+    phases = run_world(2, tier_workers.load_phases, dict(cfg, phases=[[], [1], [0, 1]]), timeout=TIMEOUT)
+    assert phases == [[(5, "local"), (5, "replica"), (5, "object_store")]] * 2
+
+
+# -- preemption: a real SIGTERM to one rank of 2 nodes x 1 ---------------------------------------------------
+
+
+def _wait_ready(directory: str, world: int, timeout: float = 300.0) -> dict[int, int]:
+    """pid by rank, once every rank wrote ``ready.<rank>``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        paths = {r: os.path.join(directory, f"ready.{r}") for r in range(world)}
+        if all(os.path.exists(p) for p in paths.values()):
+            return {r: int(open(p).read()) for r, p in paths.items()}
+        time.sleep(0.01)
+    raise TimeoutError(f"ranks did not reach the ready step within {timeout} s")
+
+
+def _run_signalled(world: int, cfg: dict[str, Any], victim: int) -> list[dict[str, Any]]:
+    """Spawn the training ranks, SIGTERM rank ``victim`` once all are training; every rank must exit 0."""
+    store = dist.TCPStore("127.0.0.1", 0, world_size=world + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=300))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=tier_workers.signal_entry, args=(r, world, store.port, cfg, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        pids = _wait_ready(cfg["ready_dir"], world)
+        os.kill(pids[victim], signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        while len(results) < world:
+            try:
+                rank, ok, value = out.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                assert not dead, f"ranks {dead} died: exit codes {[procs[r].exitcode for r in dead]}"
+                assert time.monotonic() < deadline, f"ranks {sorted(set(range(world)) - set(results))} hung"
+                continue
+            assert ok, f"rank {rank} failed:\n{value}"
+            results[rank] = value
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * world
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world)]
+
+
+def _preempted(moto_server: Any, tmp_path: Any, grace: float) -> tuple[dict[str, Any], int]:
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    cfg = dict(_s3_root(moto_server), base=str(tmp_path / "local"), local_world=1, grace=grace,
+               ready_dir=str(ready), env={"AWS_EC2_METADATA_DISABLED": "true", "NO_GCE_CHECK": "true"})
+    results = _run_signalled(2, cfg, victim=1)
+    stops = {r["step"] for r in results}
+    assert len(stops) == 1 and all(r["stopped"] for r in results), results
+    assert [r["source"] for r in results] == ["peer", "signal"], results
+    step = stops.pop()
+    for r in results:
+        assert r["local"][-1] == step, r  # the emergency step is committed on both nodes
+    return cfg, step
+
+
+def test_sigterm_emergency_save_goes_to_local_tier_then_object_store(moto_server, tmp_path) -> None:
+    import cloudckpt
+
+    cfg, step = _preempted(moto_server, tmp_path, grace=120.0)
+    mgr = cloudckpt.CheckpointManager(cfg["root"], preemption=False, **cfg["store"])
+    assert step in mgr.steps()  # the grace allowed persisting it, whatever persist_every says
+    assert all(s % 4 == 0 or s == step for s in mgr.steps()), mgr.steps()
+    phases = run_world(2, tier_workers.load_phases, dict(cfg, phases=[[], [1], [0, 1]]), timeout=TIMEOUT)
+    assert phases == [[(step, "local"), (step, "replica"), (step, "object_store")]] * 2
+
+
+def test_sigterm_with_no_grace_left_keeps_the_step_in_the_local_tier(moto_server, tmp_path) -> None:
+    import cloudckpt
+
+    # The grace (10 ms) is over before the agreed step is reached (each step sleeps 50 ms): the emergency step
+    # still goes to the local tier and its replicas, and no rank starts persisting it.
+    cfg, step = _preempted(moto_server, tmp_path, grace=0.01)
+    mgr = cloudckpt.CheckpointManager(cfg["root"], preemption=False, **cfg["store"])
+    durable = mgr.steps()
+    assert all(s % 4 == 0 for s in durable), durable  # only the background persists, never the emergency one
+    assert run_world(2, tier_workers.load_phases, dict(cfg, phases=[[]]), timeout=TIMEOUT) == [[(step, "local")]] * 2
+    if step % 4:
+        assert step not in durable
+        if durable:
+            assert run_world(2, tier_workers.load_phases, dict(cfg, phases=[[0, 1]]), timeout=TIMEOUT) == \
+                [[(max(durable), "object_store")]] * 2

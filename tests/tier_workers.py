@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Any
 
 import torch
@@ -46,13 +47,43 @@ def check_state(state: dict[str, Any], step: int, rank: int, world: int) -> None
     assert state["step"] == step, state["step"]
 
 
-def manager(cfg: dict[str, Any], local_dir: str) -> Any:
-    """A tiered CheckpointManager as the tests configure it."""
+def manager(cfg: dict[str, Any], local_dir: str, **overrides: Any) -> Any:
+    """A tiered CheckpointManager as the tests configure it (``overrides`` replace its arguments)."""
     import cloudckpt
 
-    return cloudckpt.CheckpointManager(cfg["root"], keep_last=3, local_dir=local_dir, local_every=1,
-                                       persist_every=5, keep_local=2, replicas=1, preemption=False,
-                                       **cfg.get("store", {}))
+    kw: dict[str, Any] = dict(keep_last=3, local_dir=local_dir, local_every=1, persist_every=5, keep_local=2,
+                              replicas=1, preemption=False)
+    kw.update(overrides)
+    return cloudckpt.CheckpointManager(cfg["root"], **kw, **cfg.get("store", {}))
+
+
+def async_save_with_processes(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Async-save steps 1..cfg['last'] through a ProcessCheckpointExecutor; report handles and local dirs."""
+    from cloudckpt import ProcessCheckpointExecutor
+
+    local_dir = node_env(rank, cfg["local_world"], cfg["base"])
+    executor = ProcessCheckpointExecutor()
+    mgr = manager(cfg, local_dir, executor=executor)
+    persisted, handles = {}, []
+    try:
+        for step in range(1, cfg["last"] + 1):
+            state = make_state(step, world)
+            handle = mgr.async_save(state, step)
+            handle.staging_completion.result()
+            # The state changes right after staging, as training would change it.
+            state["w"].to_local().fill_(-1.0)
+            state["b"].fill_(-1.0)
+            if handle.persist_completion is not None:
+                persisted[step] = handle
+            handles.append(handle)
+        mgr.close()
+        children = executor.children_started
+        child = executor.pid
+    finally:
+        executor.close()
+    return {"local": sorted(os.listdir(local_dir)), "children": children, "child_pid": child,
+            "pid": os.getpid(), "persisted": {s: h.persist_completion.result() for s, h in persisted.items()},
+            "replicated": all(h.times.replicated_s is not None for h in handles)}
 
 
 def save_steps(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -116,3 +147,69 @@ def die_while_replicating(rank: int, world: int, cfg: dict[str, Any]) -> str:
     except Exception as exc:  # noqa: BLE001 - the survivors report the failure
         return f"{type(exc).__name__}: {exc}"[:300]
     return "saved"
+
+
+# -- preemption: a training loop stopped by a real signal (tests/test_tiers.py::test_sigterm_*) ----------
+
+
+def _mark(directory: str, name: str, rank: int) -> None:
+    path = os.path.join(directory, f"{name}.{rank}")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+
+
+def train_until_preempted(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train (one all_reduce + sleep per step), async-save even steps, stop and emergency-save on preemption."""
+    local_dir = node_env(rank, cfg["local_world"], cfg["base"])
+    mgr = manager(cfg, local_dir, local_every=2, persist_every=4, preemption=True,
+                  preemption_grace=cfg["grace"])
+    state = make_state(0, world)
+    ones = torch.ones(1)
+    step, stopped = 0, False
+    for step in range(1, cfg.get("max_steps", 3000) + 1):
+        # "train_step": the state of step `step`, in place (the staged copy of an async save is unaffected)
+        state["w"].to_local().copy_(torch.chunk(full_tensor(step), world, dim=0)[rank])
+        state["b"].fill_(float(step))
+        state["step"] = step
+        dist.all_reduce(ones)
+        time.sleep(cfg.get("sleep", 0.05))
+        if step == cfg.get("ready_at", 3):
+            _mark(cfg["ready_dir"], "ready", rank)
+        if step % 2 == 0:
+            handle = mgr.async_save(state, step)
+            handle.staging_completion.result()
+        if mgr.reached_preemption(step):
+            mgr.save(state, step)  # the emergency checkpoint
+            stopped = True
+            break
+    notice = mgr.preemption_notice
+    mgr.close()
+    return {"rank": rank, "step": step, "stopped": stopped, "source": None if notice is None else notice.source,
+            "local": _committed(local_dir)}
+
+
+def _committed(local_dir: str) -> list[int]:
+    from cloudckpt.tiers import local_steps, read_marker
+
+    return [s for s, p in local_steps(local_dir).items() if read_marker(p, s) is not None]
+
+
+def signal_entry(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
+    """Process entry for signalled worlds: gloo via the parent's TCPStore, the loop, the report."""
+    import datetime
+    import traceback
+
+    os.environ.update(cfg.get("env", {}))
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=300))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=300))
+        try:
+            out.put((rank, True, train_until_preempted(rank, world, cfg)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise SystemExit(1) from None

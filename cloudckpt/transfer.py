@@ -843,30 +843,37 @@ class TransferEngine:
     # -- downloads --------------------------------------------------------------
     def download_ranges(
         self,
-        reads: Sequence[tuple[str, int, memoryview]],
+        reads: Sequence[tuple[str, int, memoryview | list[tuple[int, memoryview | None]]]],
         *,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Fill each ``out`` with ``[start, start+len(out))`` of ``key``, in parallel.
 
-        The first failure cancels the other reads (their retries stop) and is raised.
+        An ``out`` that is a list of ``(offset, view)`` pairs is a scatter read
+        (:meth:`~cloudckpt.store.base.ObjectStore.get_ranges_into`): one request
+        from ``start`` fills every view in turn. The first failure cancels the
+        other reads (their retries stop) and is raised.
         """
         if not reads:
             return
         failure = _Failure()
         scope = self._read_scope(failure)
 
-        def one(key: str, start: int, out: memoryview) -> None:
+        def one(key: str, start: int, out: memoryview | list[tuple[int, memoryview | None]]) -> None:
             if failure.is_set():
                 return
             try:
                 with retry.use_scope(scope):
-                    self.store.get_range(key, start, out)
+                    if isinstance(out, list):
+                        self.store.get_ranges_into(key, start, out)
+                    else:
+                        self.store.get_range(key, start, out)
             except BaseException as exc:
                 failure.set(exc)
                 raise
             if progress:
-                progress(memoryview(out).nbytes)
+                progress(sum(memoryview(v).nbytes for _, v in out if v is not None) if isinstance(out, list)
+                         else memoryview(out).nbytes)
 
         if len(reads) == 1:
             one(*reads[0])

@@ -21,7 +21,9 @@ request is idempotent: a part is re-sent from the caller's staged buffers.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import math
 import os
 import queue
@@ -195,16 +197,26 @@ class UploadedObject:
     crc32c: int
     pieces: tuple[tuple[int, int, int], ...] = field(repr=False)
 
+    @functools.cached_property
+    def _piece_starts(self) -> list[int]:
+        return [off for off, _, _ in self.pieces]
+
     def span_crc32c(self, offset: int, length: int) -> int:
-        """CRC32C of ``[offset, offset+length)``, which must be piece-aligned."""
+        """CRC32C of ``[offset, offset+length)``, which must be piece-aligned.
+
+        Finds the first piece by bisection: a save asks this once or twice per
+        item, so a scan from the start would cost items × pieces.
+        """
         total, end = 0, offset + length
-        for off, n, c in self.pieces:
+        first = bisect.bisect_left(self._piece_starts, offset)
+        pieces = self.pieces
+        for k in range(first, len(pieces)):
+            off, n, c = pieces[k]
             if off >= end:
                 break
-            if off >= offset:
-                if off + n > end:
-                    raise ValueError("span is not piece-aligned")
-                total = crc.combine(total, c, n)
+            if off + n > end:
+                raise ValueError("span is not piece-aligned")
+            total = crc.combine(total, c, n)
         return total
 
 

@@ -7,6 +7,7 @@ Real servers only: S3 requests are counted by a FaultProxy in front of moto
 from __future__ import annotations
 
 import contextlib
+import io
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -231,3 +232,44 @@ def test_scatter_plan_refuses_disordered_views_and_writes_only_views():
 
     assert plan.fill(readinto, 0, plan.size) == 14
     assert bytes(a) == bytes(range(102, 106)) and bytes(b) == bytes(range(110, 114))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8,
+                                   torch.bool, torch.complex64, torch.float64])
+def test_cached_framing_is_byte_for_byte_torch_save(dtype):
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from cloudckpt import layout
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(1,), (7,), (3, 5), (2, 3, 4), (), (1024,), (17, 1)]
+    for shape in shapes:
+        framed = []
+        for round_ in range(3):  # the first frames with torch.save and fills the cache; later ones hit it
+            t = (torch.rand(shape, generator=g) * 100).to(dtype)
+            with layout.crc_disabled():
+                fi = layout.frame_tensor(MetadataIndex(f"x{round_}"), t)
+                want = io.BytesIO()
+                torch.save(t, want)
+            got = b"".join(bytes(s) for s in fi.segments)
+            assert got == want.getvalue(), (dtype, shape, round_)
+            assert fi.size == len(got)
+            assert fi.payload_offset is not None
+            assert got[fi.payload_offset:fi.payload_offset + fi.payload_nbytes] == \
+                t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            framed.append(fi)
+        with layout.crc_disabled():
+            key = layout._framing_key(framed[-1].keepalive)
+        assert key is not None and key in layout._FRAMING_CACHE, (dtype, shape)
+
+
+def test_framing_cache_is_not_used_when_torch_save_would_differ():
+    from cloudckpt import layout
+
+    with layout.crc_disabled():
+        assert layout._framing_key(torch.zeros(3)) is not None
+        assert layout._framing_key(torch.zeros(3, requires_grad=True)) is None
+        assert layout._framing_key(torch.nn.Parameter(torch.zeros(3))) is None
+        assert layout._framing_key(torch.zeros(3, dtype=torch.complex64).conj()) is None
+    # With torch.save's zip CRC on, the framing holds the payload's CRC: never cached.
+    assert layout._framing_key(torch.zeros(3)) is None

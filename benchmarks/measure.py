@@ -187,7 +187,7 @@ def child_main(spec_path: str) -> None:
         spec = json.load(f)
     result: dict[str, Any] = {"method": spec["method"], "op": spec["op"], "label": spec.get("label"), "ok": False}
     try:
-        expected = methods.build_state_dict(spec["total_bytes"], spec["tensor_bytes"])
+        expected = methods.build_shape(spec.get("shape", "large"), spec["total_bytes"], spec["tensor_bytes"])
         result["bytes"] = methods.tensor_bytes(expected)
         method = methods.create(spec["method"], methods.Context.from_spec(spec))
         method.setup()

@@ -61,6 +61,72 @@ def build_state_dict(total_bytes: int, tensor_bytes: int, seed: int = 0) -> dict
     return sd
 
 
+#: Transformer blocks of the LLM-like state dict, and the tensors of each block.
+LLM_BLOCKS = 24
+LLM_BLOCK_TENSORS = (  # (name, rows as a multiple of the hidden size h, columns as a multiple of h; 0: a vector)
+    ("input_norm.weight", 1, 0), ("input_norm.bias", 1, 0),
+    ("attn.qkv.weight", 3, 1), ("attn.qkv.bias", 3, 0),
+    ("attn.out.weight", 1, 1), ("attn.out.bias", 1, 0),
+    ("post_norm.weight", 1, 0), ("post_norm.bias", 1, 0),
+    ("mlp.up.weight", 4, 1), ("mlp.up.bias", 4, 0),
+    ("mlp.down.weight", 1, 4), ("mlp.down.bias", 1, 0),
+)
+
+
+def llm_shapes(total_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a 24-block transformer whose params + AdamW state take about ``total_bytes``.
+
+    float32 params, ``exp_avg`` and ``exp_avg_sq`` are three copies of the
+    parameters (12 bytes per parameter). The hidden size ``h`` is chosen so
+    that the blocks hold about 90% of the parameters; the embedding (the
+    largest tensor) takes the rest.
+    """
+    params = max(total_bytes // 12, 1)
+    h = max(32, int(math.sqrt(0.9 * params / (LLM_BLOCKS * 12))) // 32 * 32)
+    per_block = sum(r * h * (c * h if c else 1) for _, r, c in LLM_BLOCK_TENSORS)
+    vocab = max(1, (params - LLM_BLOCKS * per_block - 2 * h) // h)
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (vocab, h)}
+    for b in range(LLM_BLOCKS):
+        for name, r, c in LLM_BLOCK_TENSORS:
+            shapes[f"blocks.{b:02d}.{name}"] = (r * h, c * h) if c else (r * h,)
+    shapes["final_norm.weight"] = (h,)
+    shapes["final_norm.bias"] = (h,)
+    return shapes
+
+
+def build_llm_state_dict(total_bytes: int, seed: int = 0) -> dict[str, Any]:
+    """Deterministic LLM-like state dict of about ``total_bytes``: model params + AdamW state.
+
+    ``{"model": {fqn: param}, "optim": {"state": {fqn: {"exp_avg", "exp_avg_sq", "step"}}}}``
+    plus the non-tensor objects; ``step`` is a 0-dim float32 tensor as in
+    ``torch.optim.AdamW``. 24 blocks × 12 tensors: about 1,160 tensors.
+    """
+    g = torch.Generator().manual_seed(seed)
+    model: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for fqn, shape in llm_shapes(total_bytes).items():
+        model[fqn] = torch.rand(shape, generator=g)
+        state[fqn] = {"exp_avg": torch.rand(shape, generator=g), "exp_avg_sq": torch.rand(shape, generator=g),
+                      "step": torch.tensor(float(len(state) + 1))}
+    return {"model": model, "optim": {"state": state}, **objects()}
+
+
+def build_shape(shape: str, total_bytes: int, tensor_bytes: int) -> dict[str, Any]:
+    """The benchmark state dict of ``shape``: "large" (:func:`build_state_dict`) or "llm"."""
+    if shape == "llm":
+        return build_llm_state_dict(total_bytes)
+    if shape == "large":
+        return build_state_dict(total_bytes, tensor_bytes)
+    raise ValueError(f"unknown state dict shape {shape!r}; choose large or llm")
+
+
+def describe_shape(shape: str, total_bytes: int, tensor_bytes: int) -> str:
+    """One line: how many tensors, their size range and total."""
+    sizes = sorted(t.nbytes for t in _tensors(build_shape(shape, total_bytes, tensor_bytes)))
+    return (f"{shape}: {len(sizes)} tensors, {sizes[0]} B to {sizes[-1] / MiB:.1f} MiB, "
+            f"{sum(sizes) / MiB:.0f} MiB in all")
+
+
 def objects() -> dict[str, Any]:
     """The non-tensor entries of the state dict: an int, a string and a nested dict."""
     return {
@@ -76,8 +142,8 @@ def tiny_state_dict() -> dict[str, Any]:
 
 
 def tensor_bytes(sd: dict[str, Any]) -> int:
-    """Sum of the tensor payload bytes (the GB in GB/s)."""
-    return sum(v.nbytes for v in sd.values() if isinstance(v, torch.Tensor))
+    """Sum of the tensor payload bytes (the GB in GB/s), nested dicts included."""
+    return sum(v.nbytes for v in _tensors(sd))
 
 
 def _blank(value: Any) -> Any:
@@ -117,7 +183,14 @@ def compare(got: Any, want: Any, path: str = "") -> str | None:
 
 
 def _tensors(sd: dict[str, Any]) -> list[torch.Tensor]:
-    return [v for v in sd.values() if isinstance(v, torch.Tensor)]
+    """Every tensor of ``sd``, nested dicts included, in a fixed (insertion) order."""
+    out: list[torch.Tensor] = []
+    for v in sd.values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, dict):
+            out.extend(_tensors(v))
+    return out
 
 
 # --------------------------------------------------------------------------- methods

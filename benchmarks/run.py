@@ -3,6 +3,8 @@
     python -m benchmarks.run                       # 1 GiB, every method, median of 3
     python -m benchmarks.run --total-mib 128 --repeat 1 --methods cloudckpt,raw-http
     python -m benchmarks.run --server fast,moto    # S3 methods against moto too (use small sizes)
+    python -m benchmarks.run --shape both --total-mib 256 --methods cloudckpt,s3torchconnector
+                                                   # 32 MiB tensors and an LLM-like state (params + AdamW)
     python -m benchmarks.run --sweep               # cloudckpt part size / concurrency / object size
     python -m benchmarks.run --memcheck            # cloudckpt save peak RSS at 256 MiB and 1 GiB
     python -m benchmarks.run --profile DIR         # py-spy profiles of one cloudckpt save and load
@@ -22,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.methods import METHODS
+from benchmarks.methods import METHODS, describe_shape
 from benchmarks.runner import MiB, Runner, environment, summarize
 
 DEFAULT_METHODS = list(METHODS)
@@ -108,28 +110,39 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             plan.append((m, server_for(m, s3_servers[0])))
     kinds = [k for _, k in plan if k]
+    shapes = ["large", "llm"] if args.shape == "both" else [args.shape]
+    out: dict[str, Any] = {"mode": "compare", "shapes": {}}
+    with Runner(kinds, args.total_mib * MiB, args.tensor_mib * MiB) as runner:
+        for shape in shapes:
+            out["shapes"][shape] = _compare_shape(runner, plan, shape, args.repeat)
+    if len(shapes) == 1:  # the single-shape layout of earlier results
+        out.update(out["shapes"][shapes[0]])
+    return out
+
+
+def _compare_shape(runner: Runner, plan: list[tuple[str, str | None]], shape: str, repeat: int) -> dict[str, Any]:
+    """Every (method, server) of ``plan`` on one state dict shape, ``repeat`` times interleaved; print tables."""
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {}
     order: list[str] = []
-    with Runner(kinds, args.total_mib * MiB, args.tensor_mib * MiB) as runner:
-        for rep in range(args.repeat):
-            print(f"repeat {rep + 1}/{args.repeat}", file=sys.stderr, flush=True)
-            for method, kind in plan:
-                label = label_for(method, kind)
-                if label not in order:
-                    order.append(label)
-                res = runner.roundtrip(method, kind, f"r{rep}", label)
-                ok = all(r.get("ok") for r in res.values()) and "load" in res
-                for op in ("save", "load"):
-                    r = res.get(op) or {"ok": False, "error": "not run: the save failed"}
-                    if not ok and r.get("ok"):  # a wrong load makes the whole round trip untrustworthy
-                        r = dict(r, ok=False, error="round trip failed: " + next(
-                            (x.get("error", "?") for x in res.values() if not x.get("ok")), "load not run"))
-                    raw.setdefault((label, op), []).append(r)
+    print(f"## state dict shape: {describe_shape(shape, runner.total_bytes, runner.tensor_bytes)}\n")
+    for rep in range(repeat):
+        print(f"{shape}: repeat {rep + 1}/{repeat}", file=sys.stderr, flush=True)
+        for method, kind in plan:
+            label = label_for(method, kind)
+            if label not in order:
+                order.append(label)
+            res = runner.roundtrip(method, kind, f"{shape}-r{rep}", label, shape=shape)
+            ok = all(r.get("ok") for r in res.values()) and "load" in res
+            for op in ("save", "load"):
+                r = res.get(op) or {"ok": False, "error": "not run: the save failed"}
+                if not ok and r.get("ok"):  # a wrong load makes the whole round trip untrustworthy
+                    r = dict(r, ok=False, error="round trip failed: " + next(
+                        (x.get("error", "?") for x in res.values() if not x.get("ok")), "load not run"))
+                raw.setdefault((label, op), []).append(r)
     summaries = {op: {label: summarize(raw[(label, op)]) for label in order} for op in ("save", "load")}
     for op in ("save", "load"):
         print(table(op, summaries[op]))
-    return {"mode": "compare", "summaries": summaries,
-            "raw": [r for rs in raw.values() for r in rs]}
+    return {"summaries": summaries, "raw": [r for rs in raw.values() for r in rs]}
 
 
 def memcheck_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="\n".join(__doc__.split("\n")[1:]))
     ap.add_argument("--total-mib", type=int, default=1024, help="MiB of large tensors (default 1024)")
     ap.add_argument("--tensor-mib", type=int, default=32, help="MiB per large float32 tensor (default 32)")
+    ap.add_argument("--shape", choices=["large", "llm", "both"], default="large",
+                    help="large: --tensor-mib float32 tensors + 64 small ones; llm: a 24-block transformer + "
+                         "AdamW state (about 1,160 tensors, --total-mib in all); both: one table each")
     ap.add_argument("--repeat", type=int, default=3, help="runs per method; medians are reported (default 3)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma-separated subset of: {', '.join(METHODS)}")
@@ -181,8 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: python -m benchmarks.run {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print(f"machine: {env['nproc']} CPUs ({env['cpu_model']}), {env['ram_gib']} GiB RAM, Python {env['python']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
-    print(f"state dict: {args.total_mib} MiB of {args.tensor_mib} MiB float32 tensors + 64 × 4 KiB tensors "
-          f"+ non-tensor objects; repeats: {args.repeat} (median)\n")
+    if args.shape in ("large", "both"):
+        print(f"state dict (large): {args.total_mib} MiB of {args.tensor_mib} MiB float32 tensors + 64 × 4 KiB "
+              "tensors + non-tensor objects")
+    if args.shape in ("llm", "both"):
+        print(f"state dict (llm): 24 transformer blocks × 12 float32 tensors + embedding + final norm, with AdamW "
+              f"exp_avg, exp_avg_sq and a 0-dim step per parameter, about {args.total_mib} MiB in all")
+    print(f"repeats: {args.repeat} (median)\n")
     if args.sweep:
         from benchmarks.sweep import sweep_main
 

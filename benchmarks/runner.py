@@ -60,8 +60,10 @@ class Runner:
     """Starts the servers a plan needs and runs save+load round trips in child processes."""
 
     def __init__(self, server_kinds: Iterable[str], total_bytes: int, tensor_bytes: int,
-                 timeout: float = 1800.0, log: bool = True) -> None:
+                 timeout: float = 1800.0, log: bool = True, shape: str = "large") -> None:
         self.total_bytes = total_bytes
+        #: The state dict's shape ("large" or "llm", see benchmarks.methods.build_shape); roundtrip() may override.
+        self.shape = shape
         self.tensor_bytes = tensor_bytes
         self.timeout = timeout
         self.log = log
@@ -89,26 +91,28 @@ class Runner:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def spec(self, method: str, server_kind: str | None, name: str, label: str,
-             options: dict[str, Any] | None = None, total_bytes: int | None = None) -> dict[str, Any]:
+             options: dict[str, Any] | None = None, total_bytes: int | None = None,
+             shape: str | None = None) -> dict[str, Any]:
         """The child's job description, without the op."""
         server = self.servers[server_kind] if server_kind else None
         return {
             "method": method, "label": label, "name": name, "options": options or {},
             "total_bytes": total_bytes or self.total_bytes, "tensor_bytes": self.tensor_bytes,
-            "server": server.info if server else None, "workdir": self.workdir,
+            "shape": shape or self.shape, "server": server.info if server else None, "workdir": self.workdir,
         }
 
     def roundtrip(self, method: str, server_kind: str | None, name: str, label: str,
                   options: dict[str, Any] | None = None, total_bytes: int | None = None,
                   ops: tuple[str, ...] = ("save", "load"),
-                  hooks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+                  hooks: dict[str, dict[str, Any]] | None = None,
+                  shape: str | None = None) -> dict[str, dict[str, Any]]:
         """Save then load ``method`` (each in a fresh child), then drop the stored data.
 
         ``hooks`` maps an op to ``on_ready``/``on_done`` callbacks for :func:`run_child`
         (the profiler attaches there).
         """
         server = self.servers[server_kind] if server_kind else None
-        spec = self.spec(method, server_kind, name, label, options, total_bytes)
+        spec = self.spec(method, server_kind, name, label, options, total_bytes, shape)
         out: dict[str, dict[str, Any]] = {}
         try:
             for op in ops:

@@ -383,9 +383,83 @@ def _exact_tensor(tensor: torch.Tensor, fqn: str) -> torch.Tensor:
     return tensor
 
 
+#: torch.save framing (header, trailer, payload offset) of tensors by :func:`_framing_key`; bounded.
+_FRAMING_CACHE: dict[tuple[Any, ...], tuple[bytes, bytes, int, int]] = {}
+_FRAMING_CACHE_MAX = 4096
+
+
+def _save_config() -> Any:
+    """torch.save's config (``torch.utils.serialization.config.save``), or None on torch versions without it."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return None
+    return getattr(config, "save", None)
+
+
+def _crc_off() -> bool:
+    """Whether torch.save's zip CRC is off in this thread (then the framing does not depend on the payload)."""
+    save = _save_config()
+    return save is not None and getattr(save, "compute_crc32", True) is False
+
+
+def _framing_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What torch.save's framing of a plain dense tensor depends on, or None if it may depend on more.
+
+    With the zip CRC off, torch.save's bytes around the payload are a function
+    of the dtype, sizes, strides, storage size and offset, and the save
+    options: never of the values (tests/test_scatter_reads.py compares cached
+    framings with torch.save's output byte for byte). Anything unusual
+    (subclasses, Python attributes, conjugate/negative views, other layouts,
+    grad-requiring tensors) is framed by torch.save every time.
+    """
+    if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or tensor.is_quantized \
+            or tensor.is_conj() or tensor.is_neg() or tensor.requires_grad or not _crc_off():
+        return None
+    if getattr(tensor, "__dict__", None):
+        return None
+    save_cfg = _save_config()
+    options = tuple(getattr(save_cfg, k, None) for k in ("storage_alignment", "use_pinned_memory_for_d2h"))
+    return (tensor.dtype, tuple(tensor.size()), tuple(tensor.stride()), tensor.storage_offset(),
+            tensor.untyped_storage().nbytes(), options, torch.serialization.DEFAULT_PROTOCOL)
+
+
+def _payload_view(storage: torch.UntypedStorage, nbytes: int) -> memoryview:
+    """A read-only byte view of a CPU storage's memory (no copy)."""
+    import ctypes
+
+    return memoryview((ctypes.c_char * nbytes).from_address(storage.data_ptr())).cast("B").toreadonly()
+
+
 def frame_tensor(index: MetadataIndex, tensor: torch.Tensor) -> FramedItem:
-    """Frame ``tensor`` as a torch.save archive; call inside :func:`crc_disabled`."""
+    """Frame ``tensor`` as a torch.save archive; call inside :func:`crc_disabled`.
+
+    The framing of each (dtype, shape, strides) is made by torch.save once and
+    then reused with the payload spliced in (see :func:`_framing_key`): a state
+    dict of a thousand tensors of a few dozen shapes pays torch.save's
+    per-call cost a few dozen times.
+    """
     tensor = _exact_tensor(tensor, index.fqn)
+    key = _framing_key(tensor)
+    cached = _FRAMING_CACHE.get(key) if key is not None else None
+    storage = tensor.untyped_storage()
+    nbytes = storage.nbytes()
+    if cached is not None:
+        head, tail, payload_offset, size = cached
+        return FramedItem(index=index, segments=[head, _payload_view(storage, nbytes), tail], size=size,
+                          payload_offset=payload_offset, payload_nbytes=nbytes, keepalive=tensor)
+    framed = _frame_with_torch_save(index, tensor)
+    segs = framed.segments
+    if key is not None and nbytes and framed.payload_offset is not None and len(segs) == 3 \
+            and isinstance(segs[0], bytes) and isinstance(segs[2], bytes) and len(segs[0]) == framed.payload_offset:
+        if len(_FRAMING_CACHE) >= _FRAMING_CACHE_MAX:
+            _FRAMING_CACHE.clear()
+        _FRAMING_CACHE[key] = (segs[0], segs[2], framed.payload_offset, framed.size)
+    return framed
+
+
+def _frame_with_torch_save(index: MetadataIndex, tensor: torch.Tensor) -> FramedItem:
+    """Frame ``tensor`` (already :func:`_exact_tensor`) by running torch.save into a capturing sink."""
     storage = tensor.untyped_storage()
     nbytes = storage.nbytes()
     sink = _CaptureSink(storage.data_ptr(), nbytes)

@@ -700,9 +700,18 @@ class _RankLoad:
         self.buffers: dict[int, torch.Tensor] = {}
         self.direct: dict[int, tuple[ReadItem, torch.Tensor, int | None]] = {}
         self.pending = [0] * len(self.needs)
+        #: Buffers this rank fetches whole in one piece and shares with no one: candidates for scatter reads.
+        self.solo: set[int] = set()
         for rnd in share.rounds:
             for p in rnd:
-                self.pending[self._need_of(p.rel, p.start, p.end, strict=True)] += 1  # type: ignore[index]
+                k = self._need(p.rel, p.start, p.end)
+                self.pending[k] += 1
+                if (p.start, p.end) == self.needs[k][1:] and p.owner == share.rank and p.needers == (share.rank,):
+                    self.solo.add(k)
+        self.solo = {k for k in self.solo if self.pending[k] == 1}
+        #: Scatter-read buffers: (targets filled in place, (start, end, req, how, host buffer) of the others).
+        self.scatter: dict[int, tuple[list[tuple[ReadItem, torch.Tensor, int | None]],
+                                      list[tuple[int, int, ReadItem, Any, torch.Tensor]]]] = {}
         opts = reader.transfer_options
         self.copier = _Copier(planner, pinned=_wants_pinned(planner),
                               max_inflight=2 * max(opts.max_read_size * opts.max_concurrency, opts.max_read_size))
@@ -773,11 +782,10 @@ class _RankLoad:
         rel, s, e = self.needs[i]
         members = self.members[i]
         buf = None
-        if len(members) == 1 and members[0][:2] == (s, e) and members[0][3][0] == "span" and members[0][3][5]:
+        if len(members) == 1 and members[0][:2] == (s, e):
             _, _, req, how = members[0]
-            target = self.planner.resolve_tensor(req).detach()
-            if target.device.type == "cpu" and target.is_contiguous() and target.dtype == how[1] \
-                    and target.numel() * target.element_size() == e - s:
+            target = self._direct_target(req, how, e - s)
+            if target is not None:
                 # Straight from the socket (or the peer) into the target tensor: no buffer, no copy.
                 buf = target.reshape(-1).view(torch.uint8)
                 self.direct[i] = (req, target, how[6])
@@ -785,6 +793,50 @@ class _RankLoad:
             buf = self.copier.host_buffer(e - s)
         self.buffers[i] = buf
         return buf
+
+    def _direct_target(self, req: ReadItem, how: Any, nbytes: int) -> torch.Tensor | None:
+        """The target tensor, if the item's stored payload (``nbytes``) can be read straight into its memory.
+
+        That is a whole dense payload (cloudckpt-written, offsets from the
+        manifest) and a contiguous CPU target of the same dtype and byte size.
+        """
+        if how[0] != "span" or not how[5]:
+            return None
+        target = self.planner.resolve_tensor(req).detach()
+        if target.device.type == "cpu" and target.is_contiguous() and target.dtype == how[1] \
+                and target.numel() * target.element_size() == nbytes:
+            return target
+        return None
+
+    def _scatter_views(self, i: int) -> list[tuple[int, memoryview | None]] | None:
+        """``(offset, view)`` pairs for reading buffer ``i`` in one request straight into its targets, or None.
+
+        Used when the buffer holds several items, at least one of them a whole
+        dense payload that can be read into its target tensor; the other items
+        get a host buffer each, and the framing bytes between items are
+        discarded. Items whose byte ranges overlap (reads of the same bytes)
+        keep the single buffer and copies, as do CUDA loads (pinned buffers).
+        """
+        members = sorted(self.members[i], key=lambda m: (m[0], m[1]))
+        if len(members) < 2 or self.copier.pinned:
+            return None
+        if any(b[0] < a[1] for a, b in zip(members, members[1:], strict=False)):  # neighbours
+            return None
+        targets = [self._direct_target(req, how, end - start) for start, end, req, how in members]
+        if all(t is None for t in targets):
+            return None
+        direct: list[tuple[ReadItem, torch.Tensor, int | None]] = []
+        buffered: list[tuple[int, int, ReadItem, Any, torch.Tensor]] = []
+        views: list[tuple[int, memoryview | None]] = []
+        for (start, end, req, how), target in zip(members, targets, strict=True):
+            if target is None:
+                target = self.copier.host_buffer(end - start)
+                buffered.append((start, end, req, how, target))
+            else:
+                direct.append((req, target, how[6]))
+            views.append((start, writable_bytes(target)))
+        self.scatter[i] = (direct, buffered)
+        return views
 
     def _key(self, rel: str) -> str:
         key = self.keys.get(rel)
@@ -805,9 +857,14 @@ class _RankLoad:
                 gets[-1][2] = p.end
             else:
                 gets.append([i, p.start, p.end])
-        reads = []
+        reads: list[tuple[str, int, Any]] = []
         for i, start, end in gets:
-            rel, s, _ = self.needs[i]
+            rel, s, e = self.needs[i]
+            if i in self.solo and (start, end) == (s, e):
+                views = self._scatter_views(i)
+                if views is not None:  # one request, each payload straight into its tensor
+                    reads.append((self._key(rel), s, views))
+                    continue
             view = writable_bytes(self._buffer(i))[start - s:end - s]
             reads.append((self._key(rel), start, view))
         self.engine.download_ranges(reads)
@@ -851,19 +908,33 @@ class _RankLoad:
         for i in done:
             self._deliver_buffer(i)
 
+    def _commit_direct(self, i: int, req: ReadItem, target: torch.Tensor, payload_crc: int | None) -> None:
+        """Check a payload read straight into its target against the manifest's CRC32C, then commit it."""
+        reader = self.reader
+        if reader.verify and payload_crc is not None and crc.crc32c(writable_bytes(target)) != payload_crc:
+            raise IntegrityError(
+                f"checksum mismatch in {reader.store.url(self._key(self.needs[i][0]))} for item "
+                f"{req.storage_index.fqn!r}: stored bytes are corrupt; restore the object or load an "
+                "earlier checkpoint")
+        self.planner.commit_tensor(req, target)
+
     def _deliver_buffer(self, i: int) -> None:
         reader = self.reader
         assert reader.uri is not None
+        scattered = self.scatter.pop(i, None)
+        if scattered is not None:
+            direct_items, buffered = scattered
+            for req, target, payload_crc in direct_items:
+                self._commit_direct(i, req, target, payload_crc)
+            for _, _, req, how, host in buffered:
+                reader._deliver(writable_bytes(host), req, how, self.planner, self.copier)
+                self.copier.release(host)
+            self.members[i] = []
+            return
         buf = self.buffers.pop(i)
         direct = self.direct.pop(i, None)
         if direct is not None:
-            req, target, payload_crc = direct
-            if reader.verify and payload_crc is not None and crc.crc32c(writable_bytes(target)) != payload_crc:
-                raise IntegrityError(
-                    f"checksum mismatch in {reader.store.url(self._key(self.needs[i][0]))} for item "
-                    f"{req.storage_index.fqn!r}: stored bytes are corrupt; restore the object or load an "
-                    "earlier checkpoint")
-            self.planner.commit_tensor(req, target)
+            self._commit_direct(i, *direct)
             return
         view = writable_bytes(buf)
         s = self.needs[i][1]

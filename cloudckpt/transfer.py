@@ -21,7 +21,9 @@ request is idempotent: a part is re-sent from the caller's staged buffers.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import math
 import os
 import queue
@@ -195,16 +197,26 @@ class UploadedObject:
     crc32c: int
     pieces: tuple[tuple[int, int, int], ...] = field(repr=False)
 
+    @functools.cached_property
+    def _piece_starts(self) -> list[int]:
+        return [off for off, _, _ in self.pieces]
+
     def span_crc32c(self, offset: int, length: int) -> int:
-        """CRC32C of ``[offset, offset+length)``, which must be piece-aligned."""
+        """CRC32C of ``[offset, offset+length)``, which must be piece-aligned.
+
+        Finds the first piece by bisection: a save asks this once or twice per
+        item, so a scan from the start would cost items × pieces.
+        """
         total, end = 0, offset + length
-        for off, n, c in self.pieces:
+        first = bisect.bisect_left(self._piece_starts, offset)
+        pieces = self.pieces
+        for k in range(first, len(pieces)):
+            off, n, c = pieces[k]
             if off >= end:
                 break
-            if off >= offset:
-                if off + n > end:
-                    raise ValueError("span is not piece-aligned")
-                total = crc.combine(total, c, n)
+            if off + n > end:
+                raise ValueError("span is not piece-aligned")
+            total = crc.combine(total, c, n)
         return total
 
 
@@ -843,30 +855,37 @@ class TransferEngine:
     # -- downloads --------------------------------------------------------------
     def download_ranges(
         self,
-        reads: Sequence[tuple[str, int, memoryview]],
+        reads: Sequence[tuple[str, int, memoryview | list[tuple[int, memoryview | None]]]],
         *,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Fill each ``out`` with ``[start, start+len(out))`` of ``key``, in parallel.
 
-        The first failure cancels the other reads (their retries stop) and is raised.
+        An ``out`` that is a list of ``(offset, view)`` pairs is a scatter read
+        (:meth:`~cloudckpt.store.base.ObjectStore.get_ranges_into`): one request
+        from ``start`` fills every view in turn. The first failure cancels the
+        other reads (their retries stop) and is raised.
         """
         if not reads:
             return
         failure = _Failure()
         scope = self._read_scope(failure)
 
-        def one(key: str, start: int, out: memoryview) -> None:
+        def one(key: str, start: int, out: memoryview | list[tuple[int, memoryview | None]]) -> None:
             if failure.is_set():
                 return
             try:
                 with retry.use_scope(scope):
-                    self.store.get_range(key, start, out)
+                    if isinstance(out, list):
+                        self.store.get_ranges_into(key, start, out)
+                    else:
+                        self.store.get_range(key, start, out)
             except BaseException as exc:
                 failure.set(exc)
                 raise
             if progress:
-                progress(memoryview(out).nbytes)
+                progress(sum(memoryview(v).nbytes for _, v in out if v is not None) if isinstance(out, list)
+                         else memoryview(out).nbytes)
 
         if len(reads) == 1:
             one(*reads[0])

@@ -20,9 +20,10 @@ Conventions shared by all backends:
 from __future__ import annotations
 
 import abc
+import bisect
 import builtins
 import datetime as _dt
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Buffer = bytes | bytearray | memoryview
@@ -37,6 +38,7 @@ __all__ = [
     "ObjectStore",
     "body_size",
     "COPY_CHUNK",
+    "Scatter",
 ]
 
 #: Bytes per request when a store without server-side copies copies through the client.
@@ -46,6 +48,77 @@ COPY_CHUNK = 32 * 1024 * 1024
 def body_size(body: Body) -> int:
     """Total number of bytes in a segmented body."""
     return sum(memoryview(b).nbytes for b in body)
+
+
+#: Bytes discarded per read while a scatter read skips the bytes between its views.
+SKIP_CHUNK = 256 * 1024
+
+
+class Scatter:
+    """Where each byte of one contiguous range goes in a scatter read (:meth:`ObjectStore.get_ranges_into`).
+
+    ``views`` are ``(offset, writable view)`` pairs: absolute object offsets,
+    ascending and non-overlapping, each at or after ``start``. The range is
+    ``[start, end of the last view)``; bytes between views are read and
+    discarded. Only the given views are ever written, whatever the offsets
+    (they only choose *which* bytes land in each view); offsets out of order or
+    overlapping raise ValueError before anything is read.
+    """
+
+    def __init__(self, start: int, views: Sequence[tuple[int, memoryview | None]]) -> None:
+        self.start = start
+        # (position in the range, length, view or None for bytes to skip)
+        self.parts: list[tuple[int, int, memoryview | None]] = []
+        pos = start
+        for off, view in views:
+            if off < pos:
+                raise ValueError(f"scatter view at offset {off} overlaps or precedes byte {pos}; views must be "
+                                 "ascending and disjoint")
+            if off > pos:
+                self.parts.append((pos - start, off - pos, None))
+            n = 0
+            if view is not None:
+                view = memoryview(view).cast("B")
+                if view.readonly:
+                    raise ValueError("scatter views must be writable")
+                n = view.nbytes
+            if n:
+                self.parts.append((off - start, n, view))
+            pos = off + n
+        #: Bytes in the range (views and the skipped bytes between them).
+        self.size = pos - start
+        self._starts = [p for p, _, _ in self.parts]
+        self._scratch: memoryview | None = None
+
+    def _skip_buffer(self, n: int) -> memoryview:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(SKIP_CHUNK))
+        return self._scratch[:min(n, SKIP_CHUNK)]
+
+    def fill(self, readinto: Callable[[memoryview], int | None], got: int, want: int) -> int:
+        """Read range bytes ``[got, want)`` from ``readinto`` into place; return how far it got (EOF stops early).
+
+        ``readinto(buf)`` reads at most ``len(buf)`` bytes into ``buf`` (a
+        socket or file's ``readinto``); positions are relative to ``start``.
+        """
+        i = bisect.bisect_right(self._starts, got) - 1
+        while got < want:
+            pos, n, view = self.parts[i]
+            lo, hi = got - pos, min(n, want - pos)
+            dst = self._skip_buffer(hi - lo) if view is None else view[lo:hi]
+            k = readinto(dst)
+            if not k:
+                break
+            got += k
+            if got >= pos + n:
+                i += 1
+        return got
+
+    def copy_from(self, data: memoryview) -> None:
+        """Place the range's bytes, given whole in ``data`` (the fallback of stores without scatter reads)."""
+        for pos, n, view in self.parts:
+            if view is not None:
+                view[:] = data[pos:pos + n]
 
 
 @dataclass(frozen=True)
@@ -140,6 +213,22 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def get_range(self, key: str, start: int, out: memoryview) -> None:
         """Fill ``out`` (writable, contiguous) with bytes ``[start, start + len(out))`` of ``key``."""
+
+    def get_ranges_into(self, key: str, start: int, views: Sequence[tuple[int, memoryview | None]]) -> None:
+        """Scatter read: one ranged read from ``start`` to the end of the last view, each view filled in order.
+
+        ``views`` are ``(offset, writable view)`` pairs (object offsets,
+        ascending, disjoint; a None view is skipped). Bytes between views are
+        read and discarded, so many tensors separated by framing bytes come in
+        one request, each straight into its own memory. This default reads the
+        range into one scratch buffer and copies; backends stream instead.
+        """
+        plan = Scatter(start, views)
+        if not plan.size:
+            return
+        buf = memoryview(bytearray(plan.size))
+        self.get_range(key, start, buf)
+        plan.copy_from(buf)
 
     @abc.abstractmethod
     def head(self, key: str) -> ObjectInfo | None:

@@ -56,7 +56,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store._deadline import body_deadline
-from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
+from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult, Scatter
 from cloudckpt.store.options import GCSRequestOptions
 from cloudckpt.store.s3 import redact_library_logs
 from cloudckpt.uri import redact_text, redact_url, scrub_exception
@@ -700,8 +700,15 @@ class GCSStore(ObjectStore):
 
     def get_range(self, key: str, start: int, out: memoryview) -> None:
         """Read bytes ``[start, start + len(out))`` of ``key`` straight into ``out``."""
-        out = memoryview(out).cast("B")
-        n = out.nbytes
+        self._read_range(key, start, Scatter(start, [(start, out)]))
+
+    def get_ranges_into(self, key: str, start: int, views: Sequence[tuple[int, memoryview | None]]) -> None:
+        """One ranged GET streamed into each view in turn (the bytes between views are discarded)."""
+        self._read_range(key, start, Scatter(start, views))
+
+    def _read_range(self, key: str, start: int, plan: Scatter) -> None:
+        """GET bytes ``[start, start + plan.size)`` of ``key`` straight into the plan's views."""
+        n = plan.size
         if n == 0:
             return
         url = self._media_url(key)
@@ -732,11 +739,7 @@ class GCSStore(ObjectStore):
                     "Content-Encoding") else resp.raw.readinto
                 with body_deadline(self.timeout[1], resp.raw) as deadline:
                     try:
-                        while got < n:
-                            k = readinto(out[got:])
-                            if not k:
-                                break
-                            got += k
+                        got = plan.fill(readinto, got, n)
                     except Exception:
                         if deadline.expired:
                             raise self._deadline_error(key, "read") from None

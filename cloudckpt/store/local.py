@@ -27,7 +27,7 @@ from cloudckpt.errors import (
     TransferError,
     UnsafePathError,
 )
-from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
+from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult, Scatter
 
 __all__ = ["LocalStore"]
 
@@ -141,6 +141,25 @@ class LocalStore(ObjectStore):
             if len(data) > max_size:
                 raise self.too_large(key, len(data), max_size)
             return data
+
+    def get_ranges_into(self, key: str, start: int, views: Sequence[tuple[int, memoryview | None]]) -> None:
+        """Read each view's bytes straight into it (one open; the bytes between views are not read)."""
+        plan = Scatter(start, views)
+        if not plan.size:
+            return
+        fd = self._open_regular(key)
+        with open(fd, "rb", buffering=0, closefd=True) as f:
+            for pos, n, view in plan.parts:
+                if view is None:
+                    continue
+                f.seek(start + pos)
+                got = 0
+                while got < n:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise TransferError(f"short read of {key}: wanted bytes [{start + pos}, {start + pos + n}), "
+                                            f"got {got}")
+                    got += k
 
     def get_range(self, key: str, start: int, out: memoryview) -> None:
         out = memoryview(out).cast("B")

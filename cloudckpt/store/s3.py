@@ -43,7 +43,7 @@ from cloudckpt.errors import (
 from cloudckpt.retry import Attempt, FailureKind, RetryPolicy
 from cloudckpt.store._body import SegmentReader
 from cloudckpt.store._deadline import body_deadline
-from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult
+from cloudckpt.store.base import Body, MultipartUpload, ObjectInfo, ObjectStore, PartResult, Scatter
 from cloudckpt.store.options import S3_CLIENT_OPTIONS, S3RequestOptions, SecretBytes, is_directory_bucket
 from cloudckpt.uri import redact_text, redact_url, scrub_exception
 
@@ -469,8 +469,15 @@ class S3Store(ObjectStore):
         return self._run("download", key, attempt)
 
     def get_range(self, key: str, start: int, out: memoryview) -> None:
-        out = memoryview(out).cast("B")
-        n = out.nbytes
+        self._read_range(key, start, Scatter(start, [(start, out)]))
+
+    def get_ranges_into(self, key: str, start: int, views: Sequence[tuple[int, memoryview | None]]) -> None:
+        """One ranged GET streamed into each view in turn (the bytes between views are discarded)."""
+        self._read_range(key, start, Scatter(start, views))
+
+    def _read_range(self, key: str, start: int, plan: Scatter) -> None:
+        """GET bytes ``[start, start + plan.size)`` of ``key`` straight into the plan's views."""
+        n = plan.size
         if n == 0:
             return
         got = 0  # survives retries: a broken stream resumes where it stopped
@@ -486,11 +493,7 @@ class S3Store(ObjectStore):
                 want = min(n, got + sent)
                 with body_deadline(self.read_timeout, body) as deadline:
                     try:
-                        while got < want:
-                            k = _readinto(body, out[got:want])
-                            if not k:
-                                break
-                            got += k
+                        got = plan.fill(lambda buf: _readinto(body, buf), got, want)
                     except Exception:
                         if deadline.expired:
                             raise self._deadline_error(key, "read") from None

@@ -55,6 +55,7 @@ __all__ = [
     "parse_step_name",
     "FramedItem",
     "frame_tensor",
+    "FramingCache",
     "frame_bytes",
     "crc_disabled",
     "TensorRecord",
@@ -383,9 +384,30 @@ def _exact_tensor(tensor: torch.Tensor, fqn: str) -> torch.Tensor:
     return tensor
 
 
-#: torch.save framing (header, trailer, payload offset) of tensors by :func:`_framing_key`; bounded.
-_FRAMING_CACHE: dict[tuple[Any, ...], tuple[bytes, bytes, int, int]] = {}
+#: Most framings a :class:`FramingCache` keeps (a state dict has a few dozen shapes).
 _FRAMING_CACHE_MAX = 4096
+
+
+class FramingCache:
+    """torch.save framings (header, trailer, payload offset, size) by :func:`_framing_key`, bounded.
+
+    One per writer (no state shared between writers or threads' saves): a save
+    of a thousand tensors of a few dozen shapes runs torch.save a few dozen times.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Any, ...], tuple[bytes, bytes, int, int]] = {}
+
+    def get(self, key: tuple[Any, ...]) -> tuple[bytes, bytes, int, int] | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple[Any, ...], value: tuple[bytes, bytes, int, int]) -> None:
+        if len(self._entries) >= _FRAMING_CACHE_MAX:
+            self._entries.clear()
+        self._entries[key] = value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
 
 
 def _save_config() -> Any:
@@ -431,17 +453,17 @@ def _payload_view(storage: torch.UntypedStorage, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(storage.data_ptr())).cast("B").toreadonly()
 
 
-def frame_tensor(index: MetadataIndex, tensor: torch.Tensor) -> FramedItem:
+def frame_tensor(index: MetadataIndex, tensor: torch.Tensor, cache: FramingCache | None = None) -> FramedItem:
     """Frame ``tensor`` as a torch.save archive; call inside :func:`crc_disabled`.
 
-    The framing of each (dtype, shape, strides) is made by torch.save once and
-    then reused with the payload spliced in (see :func:`_framing_key`): a state
-    dict of a thousand tensors of a few dozen shapes pays torch.save's
-    per-call cost a few dozen times.
+    With a ``cache``, the framing of each (dtype, shape, strides) is made by
+    torch.save once and then reused with the payload spliced in (see
+    :func:`_framing_key`): a state dict of a thousand tensors of a few dozen
+    shapes pays torch.save's per-call cost a few dozen times.
     """
     tensor = _exact_tensor(tensor, index.fqn)
-    key = _framing_key(tensor)
-    cached = _FRAMING_CACHE.get(key) if key is not None else None
+    key = _framing_key(tensor) if cache is not None else None
+    cached = cache.get(key) if cache is not None and key is not None else None
     storage = tensor.untyped_storage()
     nbytes = storage.nbytes()
     if cached is not None:
@@ -450,11 +472,9 @@ def frame_tensor(index: MetadataIndex, tensor: torch.Tensor) -> FramedItem:
                           payload_offset=payload_offset, payload_nbytes=nbytes, keepalive=tensor)
     framed = _frame_with_torch_save(index, tensor)
     segs = framed.segments
-    if key is not None and nbytes and framed.payload_offset is not None and len(segs) == 3 \
+    if cache is not None and key is not None and nbytes and framed.payload_offset is not None and len(segs) == 3 \
             and isinstance(segs[0], bytes) and isinstance(segs[2], bytes) and len(segs[0]) == framed.payload_offset:
-        if len(_FRAMING_CACHE) >= _FRAMING_CACHE_MAX:
-            _FRAMING_CACHE.clear()
-        _FRAMING_CACHE[key] = (segs[0], segs[2], framed.payload_offset, framed.size)
+        cache.put(key, (segs[0], segs[2], framed.payload_offset, framed.size))
     return framed
 
 

@@ -155,6 +155,8 @@ class CloudStorageWriter(StorageWriter):
         self.overwrite = overwrite
         self._store_options = store_options
         self._store: ObjectStore | None = None
+        # torch.save framings by (dtype, shape, strides), reused within and across this writer's saves.
+        self._framing = layout.FramingCache()
         self.uri: StorageURI | None = None
         #: This save's id (a fresh one per save, drawn in set_up_storage_writer); its first
         #: layout.TOKEN_CHARS hex digits are the token in this rank's data object names.
@@ -189,6 +191,7 @@ class CloudStorageWriter(StorageWriter):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_store"] = None
+        state["_framing"] = layout.FramingCache()  # rebuilt where the writer runs
         return state
 
     @property
@@ -430,7 +433,7 @@ class CloudStorageWriter(StorageWriter):
             assert isinstance(data, io.BytesIO)
             return layout.frame_bytes(item.index, data.getbuffer())
         assert isinstance(data, torch.Tensor)
-        return layout.frame_tensor(item.index, data)
+        return layout.frame_tensor(item.index, data, self._framing)
 
     def _upload_items(self, uri: StorageURI, prefix: str, first: int, changed: list[layout.FramedItem],
                       stable: list[layout.FramedItem], engine: TransferEngine) -> list[WriteResult]:

@@ -243,12 +243,13 @@ def test_cached_framing_is_byte_for_byte_torch_save(dtype):
 
     g = torch.Generator().manual_seed(1)
     shapes = [(1,), (7,), (3, 5), (2, 3, 4), (), (1024,), (17, 1)]
+    cache = layout.FramingCache()
     for shape in shapes:
         framed = []
         for round_ in range(3):  # the first frames with torch.save and fills the cache; later ones hit it
             t = (torch.rand(shape, generator=g) * 100).to(dtype)
             with layout.crc_disabled():
-                fi = layout.frame_tensor(MetadataIndex(f"x{round_}"), t)
+                fi = layout.frame_tensor(MetadataIndex(f"x{round_}"), t, cache)
                 want = io.BytesIO()
                 torch.save(t, want)
             got = b"".join(bytes(s) for s in fi.segments)
@@ -260,7 +261,7 @@ def test_cached_framing_is_byte_for_byte_torch_save(dtype):
             framed.append(fi)
         with layout.crc_disabled():
             key = layout._framing_key(framed[-1].keepalive)
-        assert key is not None and key in layout._FRAMING_CACHE, (dtype, shape)
+        assert key is not None and key in cache, (dtype, shape)
 
 
 def test_framing_cache_is_not_used_when_torch_save_would_differ():

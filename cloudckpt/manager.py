@@ -301,6 +301,18 @@ def _typed(exc: BaseException) -> BaseException:
 # -- the manager -------------------------------------------------------------------------------------
 
 
+def wait_all(handles: Iterable[Any]) -> None:
+    """Wait for every handle's ``upload_completion``; then raise the first error among them."""
+    first: BaseException | None = None
+    for h in handles:
+        try:
+            h.upload_completion.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, once every handle is done
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 @dataclass
 class AsyncCheckpoint:
     """Handle of one :meth:`CheckpointManager.async_save`.
@@ -617,14 +629,7 @@ class CheckpointManager:
             self._tiers.wait()
         with self._lock:
             pending, self._pending = self._pending, []
-        first: BaseException | None = None
-        for h in pending:
-            try:
-                h.upload_completion.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                first = first or exc
-        if first is not None:
-            raise first
+        wait_all(pending)
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, state_dict: dict[str, Any], step: int | None = None) -> int | None:

@@ -817,16 +817,11 @@ class TieredCheckpoints:
 
     def wait_local(self) -> None:
         """Wait for in-flight local saves (and their replication); raise the first error."""
+        from cloudckpt.manager import wait_all
+
         with self._lock:
             pending, self._local_pending = self._local_pending, []
-        first: BaseException | None = None
-        for h in pending:
-            try:
-                h.upload_completion.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                first = first or exc
-        if first is not None:
-            raise first
+        wait_all(pending)
 
     def wait(self) -> None:
         """Wait for local saves and persistence; raise the first error."""

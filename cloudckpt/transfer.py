@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cloudckpt import crc, retry
 from cloudckpt.errors import CloudCheckpointError, DeadlineExceededError, EndpointUnreachableError, TransferError
@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+_R = TypeVar("_R")
 GiB = 1024 * MiB
 
 
@@ -663,12 +664,22 @@ class TransferEngine:
         failure = _Failure()
         coord = _UploadCoordinator(self.store, self._scope(failure, deadline, self.pacing), failure, progress)
         pool = _Pool(self.options.max_concurrency, "cloudckpt-upload")
+        results = self._coordinated(coord, pool, failure,
+                                    lambda: self._run_upload(objects, part_size, coord, pool, deadline))
+        return [UploadedObject(o.key, o.size, results[o.key][0], tuple(results[o.key][1])) for o in objects]
+
+    def _coordinated(self, coord: _UploadCoordinator, pool: _Pool, failure: _Failure,
+                     run: Callable[[], _R]) -> _R:
+        """Run ``run`` on ``pool``; on any failure the coordinator aborts and deletes what it started.
+
+        The first error is raised (later ones are its consequences). Shutting the
+        pool down waits for requests in flight; they stop retrying once the
+        scope is cancelled, so this is bounded by one attempt's timeout.
+        """
         try:
-            results = self._run_upload(objects, part_size, coord, pool, deadline)
+            return run()
         except BaseException as exc:
             failure.set(exc)
-            # Waits for requests in flight; they stop retrying now that the scope is
-            # cancelled, so this is bounded by one attempt's timeout.
             pool.shutdown(wait=True, cancel_futures=True)
             coord.cleanup(self.options.cleanup_timeout)
             first = failure.error
@@ -677,7 +688,6 @@ class TransferEngine:
             raise first from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        return [UploadedObject(o.key, o.size, results[o.key][0], tuple(results[o.key][1])) for o in objects]
 
     def _plan_upload(self, objects: Sequence[ObjectUpload]) -> int:
         """Set :attr:`pacing` for this upload and return the part size its request budget allows."""
@@ -787,18 +797,7 @@ class TransferEngine:
         failure = _Failure()
         coord = _UploadCoordinator(self.store, self._scope(failure, deadline, self.pacing), failure, None)
         pool = _Pool(self.options.max_concurrency, "cloudckpt-copy")
-        try:
-            crcs = self._run_copies(objects, coord, pool, deadline)
-        except BaseException as exc:
-            failure.set(exc)
-            pool.shutdown(wait=True, cancel_futures=True)
-            coord.cleanup(self.options.cleanup_timeout)
-            first = failure.error
-            if first is None or first is exc or not isinstance(exc, Exception):
-                raise
-            raise first from None
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        crcs = self._coordinated(coord, pool, failure, lambda: self._run_copies(objects, coord, pool, deadline))
         for obj in objects:
             if obj.key in coord.failed_copies:
                 coord.drop_copy(obj.key)

@@ -176,13 +176,18 @@ class LocalStore(ObjectStore):
             raise TransferError(f"short read of {key}: wanted bytes [{start}, {start + out.nbytes}), got {got}")
 
     def head(self, key: str) -> ObjectInfo | None:
+        return self._stat(key, with_tag=False)
+
+    @staticmethod
+    def _stat(key: str, *, with_tag: bool) -> ObjectInfo | None:
+        """Size and mtime of a regular file (None if missing or not a file); ``with_tag``: an inode ETag too."""
         try:
             st = os.stat(key)
         except FileNotFoundError:
             return None
         if not os.path.isfile(key):
             return None
-        return ObjectInfo(key=key, size=st.st_size,
+        return ObjectInfo(key=key, size=st.st_size, etag=_file_tag(st) if with_tag else None,
                           last_modified=_dt.datetime.fromtimestamp(st.st_mtime, tz=_dt.timezone.utc))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
@@ -297,14 +302,7 @@ class LocalStore(ObjectStore):
 
     def copy_probe(self, key: str) -> ObjectInfo | None:
         """Like :meth:`head`, with an ETag made of inode, size and mtime (a replaced file gets a new one)."""
-        try:
-            st = os.stat(key)
-        except FileNotFoundError:
-            return None
-        if not os.path.isfile(key):
-            return None
-        return ObjectInfo(key=key, size=st.st_size, etag=_file_tag(st),
-                          last_modified=_dt.datetime.fromtimestamp(st.st_mtime, tz=_dt.timezone.utc))
+        return self._stat(key, with_tag=True)
 
     def _copy_range(self, src_key: str, dst_path: str, start: int, end: int | None, if_match: str | None) -> None:
         """Write ``[start, end)`` of ``src_key`` to ``dst_path`` inside the kernel (copy_file_range/reflink)."""

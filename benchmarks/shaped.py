@@ -194,8 +194,9 @@ def plan(default_concurrency: int) -> list[Point]:
     for part in (8, 16, 64):
         pts.append(Point(c, f"part_size=max_read_size={part} MiB",
                          {"part_size": part * MiB, "max_read_size": part * MiB}))
-    pts.append(Point(c, "max_concurrency=8, part_size=max_read_size=16 MiB",
-                     {"max_concurrency": 8, "part_size": 16 * MiB, "max_read_size": 16 * MiB}))
+    for n in (8, 16):  # enough parts and reads to keep every connection busy on a small checkpoint
+        pts.append(Point(c, f"max_concurrency={n}, part_size=max_read_size=16 MiB",
+                         {"max_concurrency": n, "part_size": 16 * MiB, "max_read_size": 16 * MiB}))
     s = "s3torchconnector"
     pts += [
         Point(s, "defaults (part 8 MiB, 10 Gbps target, thread_count=1)"),
@@ -260,7 +261,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       link_rate=args.link_mb_per_s * MB if args.link_mb_per_s else None)
     default_concurrency = TransferOptions().max_concurrency
     os.environ.update(CREDENTIALS)
-    points = [p for p in plan(default_concurrency) if not args.only or p.method in args.only]
+    points = [p for p in plan(default_concurrency) if (not args.only or p.method in args.only)
+              and (not args.defaults_only or p.label.startswith("defaults"))
+              and (not args.match or any(m == p.label for m in args.match))]
     rows: list[dict[str, Any]] = []
     total = args.total_mib * MiB
     with FastS3Server(shaping=shaping, prefault_bytes=total + 64 * MiB) as server:
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per child")
     ap.add_argument("--only", nargs="*", choices=["cloudckpt", "s3torchconnector"])
+    ap.add_argument("--defaults-only", action="store_true", help="only each method's defaults")
+    ap.add_argument("--match", nargs="*", help="only the points with these exact labels")
     ap.add_argument("--json", help="also write the report as JSON to this path")
     args = ap.parse_args(argv)
     if args.child:

@@ -313,7 +313,7 @@ def table(report: dict[str, Any]) -> str:
            "| load MB/s | load ideal MB/s (conns) | load % of ideal | load peak in flight |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     rows = report["rows"]
-    for sv, ld in zip(rows[::2], rows[1::2]):
+    for sv, ld in zip(rows[::2], rows[1::2], strict=True):
         out.append(f"| {sv['method']} | {sv['label']} | {_cell(sv)}| {_cell(ld)}|")
     return "\n".join(out)
 

@@ -18,6 +18,11 @@ credentials work. Versioning, ACLs, tagging, policies and the like answer 501.
 
 Standalone: ``python -m cloudckpt_testing.fast_s3 --port 9000``.
 
+Shaped mode (:class:`Shaping`) makes loopback look like a cloud region: every
+response's first byte waits a fixed latency, and each connection's bytes, in
+each direction, are paced by a token bucket to a per-connection cap, with an
+optional cap on the whole link. ``--latency-ms 30 --conn-mb-per-s 50``.
+
 Only the standard library and the ``crc32c`` package (a dependency of
 cloudckpt, which hashes buffers without copying them) are needed.
 """
@@ -50,6 +55,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as _xml_escape
@@ -57,7 +63,7 @@ from xml.sax.saxutils import escape as _xml_escape
 # The crc32c package (a core dependency of cloudckpt) hashes memoryviews in place.
 import crc32c as _crc32c_mod
 
-__all__ = ["FastS3Server", "S3Backend", "S3Error", "main"]
+__all__ = ["FastS3Server", "S3Backend", "S3Error", "Shaping", "main"]
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 MiB = 1 << 20
@@ -680,6 +686,8 @@ class S3Backend:
         self.bytes_out = 0
         self.handler_cpu = 0.0
         self._cpu0 = time.process_time()
+        self.in_flight = 0
+        self.peak_in_flight = 0  # most S3 requests being served at once since the last reset
 
     # -- memory bookkeeping (call with self.lock held)
     def _incref(self, obj: _Object) -> None:
@@ -785,6 +793,18 @@ class S3Backend:
             self.bytes_in = self.bytes_out = 0
             self.handler_cpu = 0.0
             self._cpu0 = time.process_time()
+            self.peak_in_flight = self.in_flight
+
+    def request_started(self) -> None:
+        """An S3 request is being served (for ``peak_in_flight``)."""
+        with self.stats_lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def request_finished(self) -> None:
+        """An S3 request has been answered or abandoned."""
+        with self.stats_lock:
+            self.in_flight -= 1
 
     def account(self, op: str, nin: int, nout: int, cpu: float, error: str | None) -> None:
         """Add one request to the counters."""
@@ -831,8 +851,130 @@ class S3Backend:
                 "pool_bytes": self.pool.arena_bytes,
                 "pool_free_bytes": self.pool.free_bytes(),
                 "pid": os.getpid(),
+                "in_flight": self.in_flight,
+                "peak_in_flight": self.peak_in_flight,
             }
         return out
+
+
+# --------------------------------------------------------------------------- network shaping
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """A cloud-region-like network: first-byte latency and bandwidth caps (all off by default).
+
+    ``latency``: seconds every response waits before its first byte leaves (the
+    request has been read by then), like an object store's time to first byte.
+    ``conn_rate``: bytes per second per connection, in each direction (request
+    bodies received and responses sent are paced separately, as on a full-duplex
+    link). ``link_rate``: bytes per second across all connections, per direction.
+    ``burst``: bytes a bucket lets through at once after being idle (the
+    pacing granularity: the server sleeps once per ``burst`` bytes at most).
+    Control requests (``/__stats__`` and the like) are never shaped.
+    """
+
+    latency: float = 0.0
+    conn_rate: float | None = None
+    link_rate: float | None = None
+    burst: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.latency < 0:
+            raise ValueError(f"latency must be >= 0, got {self.latency}")
+        for name in ("conn_rate", "link_rate"):
+            rate = getattr(self, name)
+            if rate is not None and rate <= 0:
+                raise ValueError(f"{name} must be positive or None, got {rate}")
+        if self.burst < 1:
+            raise ValueError(f"burst must be positive, got {self.burst}")
+
+    @property
+    def paced(self) -> bool:
+        """Whether any bandwidth cap is set."""
+        return self.conn_rate is not None or self.link_rate is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether this shapes anything at all."""
+        return self.paced or self.latency > 0
+
+    def to_args(self) -> list[str]:
+        """Command-line flags that recreate this shaping in a child server."""
+        args = ["--latency-ms", repr(self.latency * 1e3), "--burst-bytes", str(self.burst)]
+        if self.conn_rate is not None:
+            args += ["--conn-mb-per-s", repr(self.conn_rate / 1e6)]
+        if self.link_rate is not None:
+            args += ["--link-mb-per-s", repr(self.link_rate / 1e6)]
+        return args
+
+
+class _TokenBucket:
+    """Paces bytes to ``rate`` per second, letting at most ``burst`` bytes through at once.
+
+    GCRA form: one timestamp (``_tat``, when the bytes reserved so far will have
+    drained at ``rate``) instead of a token count refilled by a timer, so there is
+    no background thread and a caller sleeps exactly as long as it must.
+    Thread-safe: the link-wide bucket is shared by every connection.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.slack = burst / rate  # seconds of idle credit a bucket may bank
+        self._tat = 0.0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int, now: float) -> float:
+        """Book ``n`` bytes; returns the monotonic time at which they may pass."""
+        with self._lock:
+            self._tat = max(self._tat, now) + n / self.rate
+            return self._tat - self.slack
+
+
+class _Pacer:
+    """One direction of one connection: its own bucket plus the shared link bucket, if any."""
+
+    def __init__(self, buckets: list[_TokenBucket]) -> None:
+        self.buckets = buckets
+
+    def pace(self, n: int) -> None:
+        """Sleep (not spin) until ``n`` more bytes fit under every cap."""
+        now = time.monotonic()
+        due = max(b.reserve(n, now) for b in self.buckets)
+        if due > now:
+            time.sleep(due - now)
+
+
+class _PacedReader(io.RawIOBase):
+    """A raw socket reader that hands out at most ``chunk`` bytes per call, paced after each."""
+
+    def __init__(self, raw: Any, pacer: _Pacer, chunk: int) -> None:
+        super().__init__()
+        self.raw = raw
+        self.pacer = pacer
+        self.chunk = chunk
+
+    def readable(self) -> bool:
+        """Yes."""
+        return True
+
+    def fileno(self) -> int:
+        """The socket's descriptor."""
+        return int(self.raw.fileno())
+
+    def readinto(self, b: Any) -> int:
+        """Read up to ``chunk`` bytes, then wait until the caps allow them."""
+        view = memoryview(b).cast("B")[: self.chunk]
+        n = self.raw.readinto(view)
+        if n:
+            self.pacer.pace(n)
+        return int(n or 0)
+
+    def close(self) -> None:
+        """Close the wrapped socket file too."""
+        if not self.closed:
+            self.raw.close()
+        super().close()
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -892,6 +1034,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: _HTTPServer
     _md5: str | None = None  # hex MD5 of the body when the client sent Content-MD5
+    _pace_out: _Pacer | None = None  # shaped mode: paces what this connection sends
+    _shaped = False  # whether the current request is shaped (control requests are not)
+
+    def setup(self) -> None:
+        """In shaped mode, pace this connection's reads and writes with its own buckets."""
+        super().setup()
+        shaping = self.server.shaping
+        if not shaping.paced:
+            return
+        pace_in, self._pace_out = self.server.pacers()
+        # Reads go through the pacer below the BufferedReader, so every body byte
+        # (hot path, chunked or aws-chunked) is paced the same way.
+        self.rfile.close()
+        raw = _PacedReader(self.connection.makefile("rb", 0), pace_in, shaping.burst)
+        self.rfile = io.BufferedReader(raw, self.rbufsize)
+
+    def _sendall(self, data: bytes | memoryview) -> None:
+        """``sendall``, paced in ``burst``-sized slices in shaped mode."""
+        pacer = self._pace_out if self._shaped else None
+        if pacer is None:
+            self.connection.sendall(data)
+            return
+        view = memoryview(data).cast("B")
+        step = self.server.shaping.burst
+        for off in range(0, len(view), step):
+            piece = view[off : off + step]
+            pacer.pace(len(piece))
+            self.connection.sendall(piece)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         """Silence per-request logging (it costs more than the request)."""
@@ -973,20 +1143,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        sock = self.connection
+        if self._shaped and self.server.shaping.latency:
+            time.sleep(self.server.shaping.latency)  # time to first byte
+        send = self._sendall
         if self.command == "HEAD":
             self._account(0)
-            sock.sendall(head)
+            send(head)
             return
         self._account(length)
         if pieces is None:
-            sock.sendall(head + body if len(body) < 65536 else head)
+            send(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
-                sock.sendall(body)
+                send(body)
             return
-        sock.sendall(head)
+        send(head)
         for piece in pieces:  # one sendall per slab; no copies in Python
-            sock.sendall(piece)
+            send(piece)
 
     def _body_expected(self) -> bool:
         te = (self._header("Transfer-Encoding") or "").lower()
@@ -1106,8 +1278,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raw_path = "/" + raw_path.split("/", 3)[-1] if raw_path.count("/") >= 3 else "/"
         q = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
         path = urllib.parse.unquote(raw_path)
+        self._shaped = False
         if path.startswith("/__") and self._control(path):
             return
+        self._shaped = self.server.shaping.active
+        backend = self.server.backend
+        backend.request_started()
+        try:
+            self._dispatch_s3(path, q)
+        finally:
+            backend.request_finished()
+
+    def _dispatch_s3(self, path: str, q: dict[str, str]) -> None:
         host = (self._header("Host") or "").rsplit(":", 1)[0].lower()
         if host.endswith(".localhost"):  # virtual-host style, cheap to support
             bucket, key = host[: -len(".localhost")], path[1:]
@@ -2026,9 +2208,15 @@ class _HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # the CRT client opens many connections at once
 
-    def __init__(self, address: tuple[str, int], backend: S3Backend, *, whole_process: bool) -> None:
+    def __init__(
+        self, address: tuple[str, int], backend: S3Backend, *, whole_process: bool, shaping: Shaping | None = None
+    ) -> None:
         self.backend = backend
         self.whole_process = whole_process
+        self.shaping = shaping or Shaping()
+        link = self.shaping.link_rate
+        # One bucket per direction for the whole link, shared by every connection.
+        self._link = [_TokenBucket(link, self.shaping.burst) for _ in range(2)] if link else None
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self._req_ids = itertools.count(1)
@@ -2045,6 +2233,17 @@ class _HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)
+
+    def pacers(self) -> tuple[_Pacer, _Pacer]:
+        """Fresh (receive, send) pacers for one new connection in shaped mode."""
+        sh = self.shaping
+        out = []
+        for direction in range(2):
+            buckets = [_TokenBucket(sh.conn_rate, sh.burst)] if sh.conn_rate else []
+            if self._link:
+                buckets.append(self._link[direction])
+            out.append(_Pacer(buckets))
+        return out[0], out[1]
 
     def next_request_id(self) -> str:
         """A unique x-amz-request-id."""
@@ -2088,7 +2287,8 @@ class FastS3Server:
     (CRC32C and Content-MD5 are always verified). ``min_part_size`` is the smallest
     non-final multipart part CompleteMultipartUpload accepts (S3: 5 MiB).
     ``prefault_bytes`` warms that much slab memory at start so the first large
-    PUT does not pay for page faults.
+    PUT does not pay for page faults. ``shaping`` (a :class:`Shaping`) adds
+    first-byte latency and per-connection / link bandwidth caps.
     """
 
     def __init__(
@@ -2101,8 +2301,10 @@ class FastS3Server:
         min_part_size: int = MIN_PART_SIZE,
         prefault_bytes: int = 0,
         startup_timeout: float = 30.0,
+        shaping: Shaping | None = None,
     ) -> None:
         self.host = host
+        self.shaping = shaping or Shaping()
         self.port = port
         self.in_process = in_process
         self.verify_all_checksums = verify_all_checksums
@@ -2136,7 +2338,8 @@ class FastS3Server:
             )
             if self.prefault_bytes:
                 self.backend.pool.prefault(self.prefault_bytes)
-            self._httpd = _HTTPServer((self.host, self.port), self.backend, whole_process=False)
+            self._httpd = _HTTPServer((self.host, self.port), self.backend, whole_process=False,
+                                      shaping=self.shaping)
             self.port = self._httpd.server_address[1]
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="fast-s3", daemon=True
@@ -2163,6 +2366,8 @@ class FastS3Server:
         ]
         if self.verify_all_checksums:
             cmd.append("--verify-all-checksums")
+        if self.shaping.active:
+            cmd += self.shaping.to_args()
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self._proc.stdout is not None
         # The child prints its port once it listens; readline blocks until then.
@@ -2266,11 +2471,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefault-bytes", type=int, default=0, help="warm this much slab memory at start")
     ap.add_argument("--print-port", action="store_true", help="print only the bound port (for launchers)")
     ap.add_argument("--exit-on-stdin-eof", action="store_true", help="exit when stdin closes (parent died)")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="shaped: delay before each response's first byte")
+    ap.add_argument("--conn-mb-per-s", type=float, default=None, help="shaped: per-connection cap, MB/s each way")
+    ap.add_argument("--link-mb-per-s", type=float, default=None, help="shaped: whole-link cap, MB/s each way")
+    ap.add_argument("--burst-bytes", type=int, default=Shaping.burst, help="shaped: token bucket depth")
     args = ap.parse_args(argv)
+    shaping = Shaping(
+        latency=args.latency_ms / 1e3,
+        conn_rate=args.conn_mb_per_s * 1e6 if args.conn_mb_per_s else None,
+        link_rate=args.link_mb_per_s * 1e6 if args.link_mb_per_s else None,
+        burst=args.burst_bytes,
+    )
     backend = S3Backend(verify_all_checksums=args.verify_all_checksums, min_part_size=args.min_part_size)
     if args.prefault_bytes:
         backend.pool.prefault(args.prefault_bytes)
-    httpd = _HTTPServer((args.host, args.port), backend, whole_process=True)
+    httpd = _HTTPServer((args.host, args.port), backend, whole_process=True, shaping=shaping)
     port = httpd.server_address[1]
     if args.print_port:
         print(port, flush=True)

@@ -274,3 +274,17 @@ def test_framing_cache_is_not_used_when_torch_save_would_differ():
         assert layout._framing_key(torch.zeros(3, dtype=torch.complex64).conj()) is None
     # With torch.save's zip CRC on, the framing holds the payload's CRC: never cached.
     assert layout._framing_key(torch.zeros(3)) is None
+
+
+def test_a_large_tensor_is_fetched_in_max_read_size_pieces(backend, monkeypatch):
+    """One tensor larger than max_read_size is read over several connections, never in one GET."""
+    uri = backend.uri("big")
+    sd = {"w": torch.randn(6 * 1024 * 1024 // 4)}  # 6 MiB of float32
+    cloudckpt.save(sd, uri, no_dist=True, **backend.options)
+    target = {"w": torch.zeros_like(sd["w"])}
+    with _counting(backend, monkeypatch) as (opts, reads):
+        cloudckpt.load(target, uri, no_dist=True, transfer_options=TransferOptions(max_read_size=MAX_READ),
+                       **(opts or backend.options))
+    assert torch.equal(target["w"], sd["w"])
+    data_reads = [r for r in reads if (r[0] if isinstance(r, tuple) else r.key).endswith(".distcp")]
+    assert len(data_reads) >= math.ceil(6 * 1024 * 1024 / MAX_READ), len(data_reads)

@@ -38,6 +38,7 @@ OPTIONS: Mapping[str, frozenset[str]] = MappingProxyType({
     "read_gap_threshold": _R,
     "verify": _R,
     "allow_pickle": _R,
+    "share_reads": _R,
     # both
     "max_concurrency": _WR,
     "transfer_options": _WR,

@@ -26,7 +26,11 @@ a complete stock DCP checkpoint, unaffected when the base is deleted.
   that cannot be made falls back to uploading its items.
 * Changed items and unchanged ones that are uploaded go to separate objects, so
   the next incremental save finds whole unchanged objects (GCS copies nothing
-  smaller).
+  smaller). On GCS, a save made by ``CheckpointManager(incremental=True)`` (its
+  first one too) or with a base also puts every item of at least
+  :data:`OWN_OBJECT_MIN_BYTES` in an object of its own (the writer's
+  ``copy_friendly_layout``): the next save copies each unchanged one whole,
+  without a byte-range copy. S3 and local paths keep the usual packing.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from cloudckpt.transfer import CopyRun, ObjectCopy
 from cloudckpt.uri import StorageURI, parse_uri
 
 __all__ = ["BaseItem", "BaseSlice", "BaseCheckpoint", "BaseRejected", "open_base", "FrozenKeys",
-           "plan_copies", "CopyPlacement", "COPY_PART_SIZE"]
+           "plan_copies", "CopyPlacement", "COPY_PART_SIZE",
+           "OWN_OBJECT_MIN_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,10 @@ MiB = 1024 * 1024
 #: Preferred size of one copied part: large (copies cost requests, not client bytes),
 #: split only at item boundaries so every part's CRC32C is known from the base manifest.
 COPY_PART_SIZE = 512 * MiB
+#: On stores that copy whole objects only (GCS), a save that is or may become a base gives
+#: every item of at least this size an object of its own (CloudStorageWriter's
+#: ``copy_friendly_layout``), so the next save copies it whole when it is unchanged.
+OWN_OBJECT_MIN_BYTES = 1 * MiB
 #: A range copy of fewer bytes is not worth its request: those items are uploaded.
 MIN_COPY_BYTES = 256 * 1024
 _MULTIPART_ETAG = re.compile(r'-\d+"?$')

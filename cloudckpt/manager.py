@@ -430,6 +430,10 @@ class CheckpointManager:
         routed = split_options(writer_options)
         self.store_options = dict(routed.store)
         self.writer_options = dict(routed.writer)
+        if self.incremental:
+            # Every save may become the next one's base: lay it out so that stores copying
+            # whole objects only (GCS) can copy its unchanged large items (first save too).
+            self.writer_options.setdefault("copy_friendly_layout", True)
         self.reader_options = dict(routed.reader)
         self._store: ObjectStore | None = None
         self._lock = threading.Lock()

@@ -34,6 +34,7 @@ OPTIONS: Mapping[str, frozenset[str]] = MappingProxyType({
     "target_object_size": _W,
     "prefix_strategy": _W,
     "frozen_keys": _W,  # incremental saves: items copied from the base without being staged
+    "copy_friendly_layout": _W,  # GCS: large items in objects of their own (set by incremental=True)
     # reader (cloudckpt.reader.CloudStorageReader)
     "read_gap_threshold": _R,
     "verify": _R,

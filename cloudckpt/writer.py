@@ -123,6 +123,7 @@ class CloudStorageWriter(StorageWriter):
         prefix_strategy: str | int = "none",
         base_checkpoint_id: str | os.PathLike[str] | None = None,
         frozen_keys: Iterable[str] | Callable[[str], bool] | None = None,
+        copy_friendly_layout: bool = False,
         **store_options: Any,
     ) -> None:
         super().__init__()
@@ -132,6 +133,12 @@ class CloudStorageWriter(StorageWriter):
         #: Items named here (fqns, dotted prefixes, or a predicate) are copied from the base
         #: without being staged or checksummed; they are also kept in objects of their own.
         self.frozen_keys = None if frozen_keys is None else incremental.FrozenKeys(frozen_keys)
+        #: Lay out data objects so a later save can copy unchanged items server side even on
+        #: stores that copy whole objects only (GCS): every item of at least
+        #: incremental.OWN_OBJECT_MIN_BYTES gets an object of its own. Set by
+        #: CheckpointManager(incremental=True), whose every save may become a base; saves
+        #: with a base do it anyway. No effect on stores that copy byte ranges (S3, local).
+        self.copy_friendly_layout = bool(copy_friendly_layout)
         # Set by CheckpointManager(incremental=True): (root, step); the coordinator picks the
         # newest committed step under root other than step as the base, at save time.
         self._base_from_root: tuple[str, int] | None = None
@@ -404,7 +411,8 @@ class CloudStorageWriter(StorageWriter):
                         stable.append(framed.get(index) or self._frame(by_index[index], planner))
         framed.clear()
         try:
-            results = self._upload_items(uri, prefix, len(copies), changed, stable, engine)
+            results = self._upload_items(uri, prefix, len(copies), changed, stable, engine,
+                                         own_objects=self._own_objects_layout())
         except BaseException:
             self._discard([relative_key(uri, o.key) for o in outcome.done])
             raise
@@ -435,10 +443,22 @@ class CloudStorageWriter(StorageWriter):
         assert isinstance(data, torch.Tensor)
         return layout.frame_tensor(item.index, data, self._framing)
 
+    def _own_objects_layout(self) -> bool:
+        """Whether large items get objects of their own: a store that copies whole objects only
+        (GCS), and a save that may become a base (manager) or has one (a later save copies from it)."""
+        if self.store.server_side_range_copy:
+            return False  # S3 and local copy byte ranges: the usual packing copies just as well
+        return self.copy_friendly_layout or self.base_checkpoint_id is not None or self._base_from_root is not None
+
     def _upload_items(self, uri: StorageURI, prefix: str, first: int, changed: list[layout.FramedItem],
-                      stable: list[layout.FramedItem], engine: TransferEngine) -> list[WriteResult]:
-        """Upload the items (changed and stable ones in separate objects, numbered from ``first``)."""
-        groups = [g for cls in (changed, stable) if cls for g in self._group_into_objects(cls)]
+                      stable: list[layout.FramedItem], engine: TransferEngine, *,
+                      own_objects: bool = False) -> list[WriteResult]:
+        """Upload the items (changed and stable ones in separate objects, numbered from ``first``).
+
+        With ``own_objects`` every item of at least :data:`incremental.OWN_OBJECT_MIN_BYTES`
+        is an object of its own (see :meth:`_own_objects_layout`).
+        """
+        groups = [g for cls in (changed, stable) if cls for g in self._group_into_objects(cls, own_objects)]
         if not groups and first == 0:
             groups = [[]]  # a rank without items still writes its (empty) object, as before
         uploads = []
@@ -474,7 +494,8 @@ class CloudStorageWriter(StorageWriter):
             results.append(WriteResult(index=fi.index, size_in_bytes=fi.size, storage_data=info))
         return results
 
-    def _group_into_objects(self, items: list[layout.FramedItem]) -> list[list[layout.FramedItem]]:
+    def _group_into_objects(self, items: list[layout.FramedItem],
+                            own_objects: bool = False) -> list[list[layout.FramedItem]]:
         # Byte items first (as FileSystemWriter does), then tensors largest first,
         # each object filled up to the target size so no single object serialises
         # a rank's upload.
@@ -483,6 +504,13 @@ class CloudStorageWriter(StorageWriter):
             (i for i in items if not (i.payload_offset is None and i.payload_nbytes == 0)),
             key=lambda i: -i.size,
         )
+        singles: list[list[layout.FramedItem]] = []
+        if own_objects:
+            # Whole-object copies only (GCS): each large item alone, so when it is unchanged
+            # at the next save its object is copied whole; small items stay packed together
+            # (an object per tiny item would cost a request each for little gain).
+            singles = [[fi] for fi in ordered if fi.size >= incremental.OWN_OBJECT_MIN_BYTES]
+            ordered = [fi for fi in ordered if fi.size < incremental.OWN_OBJECT_MIN_BYTES]
         groups: list[list[layout.FramedItem]] = []
         size = 0
         for fi in ordered:
@@ -491,7 +519,7 @@ class CloudStorageWriter(StorageWriter):
                 size = 0
             groups[-1].append(fi)
             size += fi.size
-        return groups or [[]]
+        return singles + groups or [[]]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Rank 0 (or every rank without collectives): write the manifest, then commit ``.metadata``."""

@@ -198,8 +198,71 @@ def counter(backend: Backend) -> Iterator[Counter]:
 # -- the figures of the issue -------------------------------------------------------------------
 
 
+class _ManagerSaves:
+    """Saves steps through ``CheckpointManager(incremental=True)`` while ``counter`` counts the client's bytes."""
+
+    def __init__(self, backend: Backend, counter: Counter, root: str) -> None:
+        self.counter = counter
+        self.mgr = cloudckpt.CheckpointManager(root, incremental=True, preemption=False, **counter.opts)
+        self.writers: dict[int, Any] = {}
+        make = self.mgr._writer
+
+        def counted(step: int) -> Any:  # the manager's own writer, its uploads counted for local paths
+            writer = make(step)
+            self.writers[step] = counter.local.wrap(writer) if counter.local else writer
+            return writer
+
+        self.mgr._writer = counted  # type: ignore[method-assign]
+
+    def save(self, sd: dict[str, Any], step: int) -> tuple[int, Any, str]:
+        """Save ``step``; return (bytes the client sent, the writer, the step's URI)."""
+        if self.counter.relay:
+            self.counter.relay.take()
+        self.mgr.save(sd, step)
+        c = self.counter
+        sent = c.local.take() if c.local else c.relay.take()
+        return sent, self.writers[step], self.mgr.checkpoint_uri(step)
+
+    def close(self) -> None:
+        self.mgr.close()
+
+
 def test_only_changed_bytes_are_sent(backend: Backend, counter: Counter) -> None:
-    """64 MiB frozen + 1 MiB trainable: once objects are arranged, a step sends at most 5% of the state."""
+    """64 MiB frozen + 1 MiB trainable through the manager: step 2 already sends at most 5% of the state.
+
+    On GCS (whole-object copies only) the manager lays out even the first save
+    so that every large item is an object of its own; S3 and local paths keep
+    the usual packing and copy byte ranges.
+    """
+    saves = _ManagerSaves(backend, counter, backend.uri("run"))
+    try:
+        sd1 = make_state()
+        full, _, uri1 = saves.save(sd1, 1)
+        sd2 = train_step(sd1, 2)
+        sent2, w2, uri2 = saves.save(sd2, 2)
+        sd3 = train_step(sd2, 3)
+        sent3, w3, uri3 = saves.save(sd3, 3)
+    finally:
+        saves.close()
+    assert full >= STATE_BYTES
+    objects1 = _object_names(backend, parse_uri(uri1))
+    # GCS: the four 16 MiB frozen tensors alone, the small items packed together; elsewhere one object.
+    assert len(objects1) == (5 if backend.name == "gcs" else 1), objects1
+    print(f"{backend.name}: step 2 sent {sent2} bytes = {sent2 / STATE_BYTES:.4f} of the state")
+    for sent, w in ((sent2, w2), (sent3, w3)):
+        assert sent <= 0.05 * STATE_BYTES, sent
+        assert w.last_incremental["copied_bytes"] >= 64 * MiB
+        assert w.last_incremental["uploaded_bytes"] < 2 * MiB
+    rec = transfer_record(backend, uri2)
+    assert rec["base"] == str(parse_uri(uri1)) and rec["copied_bytes"] >= 64 * MiB
+    rec = transfer_record(backend, uri3)
+    assert rec["base"] == str(parse_uri(uri2)) and rec["copied_bytes"] >= 64 * MiB
+    assert_loads(uri2, sd2, backend.options)
+    assert_loads(uri3, sd3, backend.options)
+
+
+def test_only_changed_bytes_are_sent_with_base_checkpoint_id(backend: Backend, counter: Counter) -> None:
+    """The same with ``base_checkpoint_id=`` on plain saves: on GCS from step 3, once objects are arranged."""
     sd1 = make_state()
     full, _ = counter.save(sd1, backend.uri("step-1"))
     assert full >= STATE_BYTES
@@ -208,8 +271,8 @@ def test_only_changed_bytes_are_sent(backend: Backend, counter: Counter) -> None
     sd3 = train_step(sd2, 3)
     sent3, w3 = counter.save(sd3, backend.uri("step-3"), base_checkpoint_id=backend.uri("step-2"))
     if backend.name == "gcs":
-        # GCS cannot copy a byte range: step 1 mixed frozen and trainable items in one object, so
-        # step 2 uploads it, arranged so that unchanged items form whole objects from then on.
+        # GCS cannot copy a byte range: the plain step 1 mixed frozen and trainable items in one
+        # object, so step 2 uploads it, laid out so that large items are whole objects from then on.
         assert w2.last_incremental["copied_bytes"] == 0
     else:
         assert sent2 <= 0.05 * STATE_BYTES, sent2
@@ -236,19 +299,34 @@ def test_changed_frozen_tensor_loads_exactly(backend: Backend, counter: Counter)
         assert sent < 20 * MiB  # the changed tensor and the trainable part, not the other 48 MiB
 
 
-def test_incremental_checkpoint_is_self_contained(backend: Backend, counter: Counter, tmp_path: Any) -> None:
-    """Step 2 alone, downloaded with plain clients, loads with the stock reader; step 1 deleted changes nothing."""
+@pytest.mark.parametrize("via", ["base_checkpoint_id", "manager"])
+def test_incremental_checkpoint_is_self_contained(backend: Backend, counter: Counter, tmp_path: Any,
+                                                  via: str) -> None:
+    """Step 2 alone, downloaded with plain clients, loads with the stock reader; step 1 deleted changes nothing.
+
+    ``manager``: both steps through CheckpointManager(incremental=True), whose
+    GCS layout (large items in objects of their own) is copied at step 2 too.
+    """
     sd1 = make_state()
-    counter.save(sd1, backend.uri("step-1"))
     sd2 = train_step(sd1, 2)
-    _, w = counter.save(sd2, backend.uri("step-2"), base_checkpoint_id=backend.uri("step-1"),
-                        frozen_keys=FROZEN)
-    assert w.last_incremental["copied_items"] > 0 or backend.name == "gcs"
-    ops.delete_checkpoint(backend.store(), parse_uri(backend.uri("step-1")))
-    assert backend.keys(backend.uri("step-1")) == []
-    assert_loads(backend.uri("step-2"), sd2, backend.options)
+    if via == "manager":
+        saves = _ManagerSaves(backend, counter, backend.uri("run"))
+        try:
+            _, _, uri1 = saves.save(sd1, 1)
+            _, w, uri2 = saves.save(sd2, 2)
+        finally:
+            saves.close()
+        assert w.last_incremental["copied_bytes"] >= 64 * MiB
+    else:
+        uri1, uri2 = backend.uri("step-1"), backend.uri("step-2")
+        counter.save(sd1, uri1)
+        _, w = counter.save(sd2, uri2, base_checkpoint_id=uri1, frozen_keys=FROZEN)
+        assert w.last_incremental["copied_items"] > 0 or backend.name == "gcs"
+    ops.delete_checkpoint(backend.store(), parse_uri(uri1))
+    assert backend.keys(uri1) == []
+    assert_loads(uri2, sd2, backend.options)
     dest = str(tmp_path / "plain")
-    backend.download(backend.uri("step-2"), dest)
+    backend.download(uri2, dest)
     stock = {k: torch.zeros_like(v) for k, v in sd2.items() if isinstance(v, torch.Tensor)}
     stock["step"] = 0
     dcp.load(stock, storage_reader=dcp.FileSystemReader(dest), no_dist=True)

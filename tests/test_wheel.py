@@ -129,6 +129,9 @@ def test_ci_runs_the_readme_commands_it_finds_in_readme():
     assert "-e '.[all,test]'" in tests and tests.endswith("&& python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command.py demo" in ci and "readme_command.py test" in ci
+    # Both run literally: no rewriting of the command text (the demo runs in a fresh clone instead).
+    assert 'bash -euo pipefail -c "$demo_cmd"' in ci and 'bash -euo pipefail -c "$test_cmd"' in ci
+    assert "demo_cmd=${" not in ci and "test_cmd=${" not in ci
     assert "ruff check cloudckpt" in ci and "mypy cloudckpt" in ci
 
 

@@ -14,7 +14,8 @@ import queue
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _entry(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple, out: Any) -> None:
@@ -78,7 +79,7 @@ def run_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
     return [results[r] for r in range(world_size)]
 
 
-def run_world_with_deaths(world_size: int, fn: Callable[..., Any], *args: Any, expect_dead: "set[int]",
+def run_world_with_deaths(world_size: int, fn: Callable[..., Any], *args: Any, expect_dead: set[int],
                           timeout: float = 180.0) -> tuple[dict[int, Any], dict[int, int]]:
     """Like :func:`run_world`, for worlds where the ranks in ``expect_dead`` kill themselves.
 
@@ -125,3 +126,83 @@ def run_world_with_deaths(world_size: int, fn: Callable[..., Any], *args: Any, e
         raise AssertionError(f"expected ranks {sorted(expect_dead)} to die, but ranks {sorted(dead)} died "
                              f"(exit codes {dead}); results: {results}")
     return results, dead
+
+
+# -- worlds that are signalled while they run ------------------------------------------------------------
+
+
+def wait_for_files(directory: str, name: str, ranks: range, timeout: float, poll: float = 0.005) -> dict[int, int]:
+    """pid by rank, once every rank of ``ranks`` wrote ``{directory}/{name}.{rank}`` (holding its pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        paths = {r: os.path.join(directory, f"{name}.{r}") for r in ranks}
+        if all(os.path.exists(p) for p in paths.values()):
+            return {r: int(open(p).read()) for r, p in paths.items()}
+        time.sleep(poll)
+    raise TimeoutError(f"ranks did not reach {name!r} within {timeout} s")
+
+
+def _store_entry(rank: int, world: int, port: int, store_timeout: float, fn: Callable[..., Any], cfg: dict,
+                 out: Any) -> None:
+    """Child: ``cfg["env"]``, gloo through the parent's TCPStore, ``fn(rank, world, cfg)``; exit 1 on error."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(cfg.get("env", {}))
+    torch.set_num_threads(1)
+    try:
+        timeout = datetime.timedelta(seconds=store_timeout)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+        try:
+            out.put((rank, True, fn(rank, world, cfg)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise SystemExit(1) from None
+
+
+def run_signalled_world(fn: Callable[..., Any], world: int, cfg: dict, act: Callable[[dict[int, int], str], None],
+                        *, timeout: float, store_timeout: float, ready_timeout: float,
+                        join_timeout: float) -> list[Any]:
+    """Spawn ``world`` ranks running ``fn(rank, world, cfg)``; once every rank wrote ``ready.<rank>`` into
+    ``cfg["ready_dir"]``, call ``act(pids, ready_dir)`` (send signals, arm servers...); every rank must then
+    report success and exit 0. The parent hosts the rendezvous TCPStore (port 0: no port race)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size=world + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=store_timeout))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_store_entry, args=(r, world, store.port, store_timeout, fn, cfg, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        act(wait_for_files(cfg["ready_dir"], "ready", range(world), ready_timeout), cfg["ready_dir"])
+        deadline = time.monotonic() + timeout
+        while len(results) < world:
+            try:
+                rank, ok, value = out.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                assert not dead, f"ranks {dead} died: exit codes {[procs[r].exitcode for r in dead]}"
+                assert time.monotonic() < deadline, f"ranks {sorted(set(range(world)) - set(results))} hung"
+                continue
+            assert ok, f"rank {rank} failed:\n{value}"
+            results[rank] = value
+        for p in procs:
+            p.join(join_timeout)
+        assert [p.exitcode for p in procs] == [0] * world
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world)]

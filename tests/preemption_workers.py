@@ -7,10 +7,8 @@ queue; readiness goes through files so the parent knows when to send signals.
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
-import traceback
 from typing import Any
 
 import torch
@@ -78,20 +76,3 @@ def train(rank: int, world: int, cfg: dict) -> dict[str, Any]:
     return {"rank": rank, "step": step, "stopped": stopped, "latest": latest, "loaded": loaded, "exact": exact,
             "source": None if notice is None else notice.source, "steps": steps,
             "open_uploads": uploads}
-
-
-def entry(rank: int, world: int, port: int, cfg: dict, out: Any) -> None:
-    """Process entry: env, gloo via the parent's TCPStore, the loop, the report; exit 1 on error."""
-    os.environ.update(cfg.get("env", {}))
-    torch.set_num_threads(1)
-    try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-        try:
-            out.put((rank, True, train(rank, world, cfg)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        out.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-        raise SystemExit(1)

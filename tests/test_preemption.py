@@ -5,13 +5,12 @@ from __future__ import annotations
 import datetime
 import http.server
 import json
-import multiprocessing as mp
 import os
-import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +18,9 @@ import torch.distributed as dist
 
 from cloudckpt.errors import CheckpointAbortedError
 from cloudckpt.preemption import PreemptionGuard, PreemptionWatcher, StepAgreement, StopDecision
+from tests import preemption_workers
 from tests.backends import new_bucket_name
+from tests.dist import run_signalled_world, wait_for_files
 
 QUIET_ENV = {"AWS_EC2_METADATA_DISABLED": "true", "NO_GCE_CHECK": "true"}
 
@@ -67,14 +68,14 @@ class _MetadataHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
+    def do_PUT(self) -> None:
         self.server.requests.append(f"PUT {self.path}")
         if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
             self._send(200, self.server.token.encode())
         else:
             self._send(400)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.requests.append(f"GET {self.path}")
         if self.path == "/latest/meta-data/spot/instance-action":
             if self.headers.get("X-aws-ec2-metadata-token") != self.server.token:
@@ -107,57 +108,11 @@ def metadata_server() -> Iterator[_Metadata]:
 # -- the world ---------------------------------------------------------------------------------------
 
 
-def _wait_files(directory: str, name: str, ranks: range, timeout: float = 120.0) -> dict[int, int]:
-    """pid by rank, once every rank wrote ``name.<rank>``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        paths = {r: os.path.join(directory, f"{name}.{r}") for r in ranks}
-        if all(os.path.exists(p) for p in paths.values()):
-            return {r: int(open(p).read()) for r, p in paths.items()}
-        time.sleep(0.005)
-    raise TimeoutError(f"ranks did not reach {name!r} within {timeout} s")
-
-
 def run_training(world: int, cfg: dict, act: Callable[[dict[int, int], str], None],
                  timeout: float = 150.0) -> list[dict]:
     """Spawn ``world`` training ranks; ``act(pids, ready_dir)`` once all are in the loop; results by rank."""
-    store = dist.TCPStore("127.0.0.1", 0, world_size=world + 1, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=120))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(r, world, store.port, cfg, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        pids = _wait_files(cfg["ready_dir"], "ready", range(world))
-        act(pids, cfg["ready_dir"])
-        deadline = time.monotonic() + timeout
-        while len(results) < world:
-            try:
-                rank, ok, value = out.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                assert not dead, f"ranks {dead} died: exit codes {[procs[r].exitcode for r in dead]}"
-                assert time.monotonic() < deadline, f"ranks {sorted(set(range(world)) - set(results))} hung"
-                continue
-            assert ok, f"rank {rank} failed:\n{value}"
-            results[rank] = value
-        for p in procs:
-            p.join(30)
-        assert [p.exitcode for p in procs] == [0] * world
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [results[r] for r in range(world)]
-
-
-def _entry(*args: Any) -> None:
-    from tests.preemption_workers import entry
-
-    entry(*args)
+    return run_signalled_world(preemption_workers.train, world, cfg, act, timeout=timeout, store_timeout=120.0,
+                               ready_timeout=120.0, join_timeout=30.0)
 
 
 def _cfg(s3_root: tuple[str, str], tmp_path: Any, **kw: Any) -> dict:
@@ -215,7 +170,7 @@ def test_sigterm_while_async_upload_in_flight(s3_root: Any, tmp_path: Any) -> No
     cfg = _cfg(s3_root, tmp_path, numel=2 * 2**20, every=5, ready_at=1, mark_async=True, max_steps=400)
 
     def act(pids: dict[int, int], ready: str) -> None:
-        _wait_files(ready, "async5", range(2))
+        wait_for_files(ready, "async5", range(2), 120.0)
         _kill(pids[0])
 
     results = run_training(2, cfg, act)
@@ -244,7 +199,7 @@ def test_signals_during_emergency_save_do_not_corrupt(s3_root: Any, tmp_path: An
     def act(pids: dict[int, int], ready: str) -> None:
         _kill(pids[1])
         _kill(pids[1])  # a second SIGTERM right away
-        _wait_files(ready, "saving", range(2))
+        wait_for_files(ready, "saving", range(2), 120.0)
         for r in (0, 1):  # a notice (and a third one for rank 1) during the emergency save itself
             _kill(pids[r])
 

@@ -6,24 +6,19 @@ One box: each "node" is a group of ranks with its own local_dir and torchrun-sty
 
 from __future__ import annotations
 
-import datetime
 import json
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import signal
-import time
 from typing import Any
 
 import pytest
-import torch.distributed as dist
 
 from cloudckpt import layout
 from cloudckpt.tiers import Topology, clean_local_dir, local_steps, read_marker
 from tests import tier_workers
 from tests.backends import new_bucket_name
-from tests.dist import run_world, run_world_with_deaths
+from tests.dist import run_signalled_world, run_world, run_world_with_deaths
 
 TIMEOUT = 600.0
 
@@ -187,51 +182,11 @@ def test_async_save_through_process_executor(moto_server, tmp_path) -> None:
 # -- preemption: a real SIGTERM to one rank of 2 nodes x 1 ---------------------------------------------------
 
 
-def _wait_ready(directory: str, world: int, timeout: float = 300.0) -> dict[int, int]:
-    """pid by rank, once every rank wrote ``ready.<rank>``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        paths = {r: os.path.join(directory, f"ready.{r}") for r in range(world)}
-        if all(os.path.exists(p) for p in paths.values()):
-            return {r: int(open(p).read()) for r, p in paths.items()}
-        time.sleep(0.01)
-    raise TimeoutError(f"ranks did not reach the ready step within {timeout} s")
-
-
 def _run_signalled(world: int, cfg: dict[str, Any], victim: int) -> list[dict[str, Any]]:
     """Spawn the training ranks, SIGTERM rank ``victim`` once all are training; every rank must exit 0."""
-    store = dist.TCPStore("127.0.0.1", 0, world_size=world + 1, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=300))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=tier_workers.signal_entry, args=(r, world, store.port, cfg, out))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        pids = _wait_ready(cfg["ready_dir"], world)
-        os.kill(pids[victim], signal.SIGTERM)
-        deadline = time.monotonic() + TIMEOUT
-        while len(results) < world:
-            try:
-                rank, ok, value = out.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                assert not dead, f"ranks {dead} died: exit codes {[procs[r].exitcode for r in dead]}"
-                assert time.monotonic() < deadline, f"ranks {sorted(set(range(world)) - set(results))} hung"
-                continue
-            assert ok, f"rank {rank} failed:\n{value}"
-            results[rank] = value
-        for p in procs:
-            p.join(60)
-        assert [p.exitcode for p in procs] == [0] * world
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [results[r] for r in range(world)]
+    return run_signalled_world(tier_workers.train_until_preempted, world, cfg,
+                               lambda pids, _: os.kill(pids[victim], signal.SIGTERM), timeout=TIMEOUT,
+                               store_timeout=300.0, ready_timeout=300.0, join_timeout=60.0)
 
 
 def _preempted(moto_server: Any, tmp_path: Any, grace: float) -> tuple[dict[str, Any], int]:

@@ -193,23 +193,3 @@ def _committed(local_dir: str) -> list[int]:
     from cloudckpt.tiers import local_steps, read_marker
 
     return [s for s, p in local_steps(local_dir).items() if read_marker(p, s) is not None]
-
-
-def signal_entry(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
-    """Process entry for signalled worlds: gloo via the parent's TCPStore, the loop, the report."""
-    import datetime
-    import traceback
-
-    os.environ.update(cfg.get("env", {}))
-    torch.set_num_threads(1)
-    try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=300))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=300))
-        try:
-            out.put((rank, True, train_until_preempted(rank, world, cfg)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        out.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-        raise SystemExit(1) from None

@@ -125,15 +125,7 @@ class MotoS3Server:
         """Stop the server process (idempotent)."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            try:
-                if proc.stdin:
-                    proc.stdin.close()
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+            stop_child(proc)
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
@@ -143,3 +135,16 @@ class MotoS3Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def stop_child(proc: subprocess.Popen[str]) -> None:
+    """End a server child that exits when its stdin closes; kill it if it has not exited within 10 s."""
+    try:
+        if proc.stdin:
+            proc.stdin.close()
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout:
+        proc.stdout.close()

@@ -2394,15 +2394,9 @@ class FastS3Server:
                 self._thread.join(timeout=5)
         proc, self._proc = self._proc, None
         if proc is not None:
-            try:
-                if proc.stdin:
-                    proc.stdin.close()
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+            from cloudckpt._moto_server import stop_child
+
+            stop_child(proc)
 
     def __enter__(self) -> FastS3Server:
         return self.start()

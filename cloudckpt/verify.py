@@ -668,6 +668,16 @@ class _Verifier:
             self.problem(it.obj, it.label, f"could not be read: {exc}")
             return None
 
+    def _restricted_load(self, it: _Item, whole: bytearray, what: str) -> tuple[bool, Any]:
+        """``(True, obj)`` from the restricted loader a load uses, or ``(False, None)`` with the problem reported."""
+        try:
+            return True, safe_pickle.load_byte_item(whole, fqn=it.label, where=self.url(it.obj))
+        except UnsafeCheckpointItemError as exc:
+            self.problems.append(str(exc))
+        except CloudCheckpointError as exc:
+            self.problem(it.obj, it.label, f"{what} does not load: {exc}")
+        return False, None
+
     def _check_bytes(self, it: _Item, whole: bytearray | None = None) -> None:
         """Run a byte item through the restricted loader, as a load would; nothing stored is executed."""
         it.checked = True
@@ -677,15 +687,8 @@ class _Verifier:
             whole = self._whole_or_report(it, "byte item too large to check")
         if whole is None:
             return
-        try:
-            obj = safe_pickle.load_byte_item(whole, fqn=it.label, where=self.url(it.obj))
-        except UnsafeCheckpointItemError as exc:
-            self.problems.append(str(exc))
-            return
-        except IntegrityError as exc:
-            self.problem(it.obj, it.label, f"byte item does not load: {exc}")
-            return
-        if isinstance(obj, torch.Tensor):
+        loaded, obj = self._restricted_load(it, whole, "byte item")
+        if loaded and isinstance(obj, torch.Tensor):
             self.problem(it.obj, it.label, "is declared in .metadata as a byte item but holds a tensor (DCP "
                                            "stores tensors as tensor items): a load would replace the model's "
                                            "tensor with it; the metadata was probably altered")
@@ -717,8 +720,8 @@ class _Verifier:
         except (zipfile.BadZipFile, struct.error, OSError, EOFError) as exc:
             self.problem(it.obj, it.label, f"not a readable torch.save record ({exc})")
             return
-        except (ValueError, Exception) as exc:  # noqa: BLE001 - unpickling errors of every kind
-            # Not a plain single-tensor record: let torch (weights_only) judge it.
+        except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind
+            # Not a plain single-tensor record: the restricted loader judges it, as a load would.
             self._load_tensor(it, f"{type(exc).__name__}: {exc}")
             return
         if it.payload_offset is not None and rec.payload_offset != it.payload_offset:
@@ -734,13 +737,8 @@ class _Verifier:
             whole = self._fetch_whole(it, why)
         if whole is None:
             return
-        try:
-            t = safe_pickle.load_byte_item(whole, fqn=it.label, where=self.url(it.obj))
-        except UnsafeCheckpointItemError as exc:
-            self.problems.append(str(exc))
-            return
-        except CloudCheckpointError as exc:
-            self.problem(it.obj, it.label, f"tensor record does not load: {exc}")
+        loaded, t = self._restricted_load(it, whole, "tensor record")
+        if not loaded:
             return
         if not isinstance(t, torch.Tensor):
             self.problem(it.obj, it.label, f"record holds a {type(t).__name__}, not a tensor")
